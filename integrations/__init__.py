@@ -1,0 +1,1 @@
+"""Integrations with the transformers training stack (the distillation `TrainerCallback` lands with the training issue)."""

@@ -1,0 +1,3 @@
+from .naive import sparse_attention_naive
+
+__all__ = ["sparse_attention_naive"]

@@ -1,0 +1,46 @@
+"""Reference sparse attention in plain PyTorch: every query row attends to its own gathered K/V rows.
+
+The Triton kernel (issue "Triton kernels") is tested against this function.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def sparse_attention_naive(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    indices: torch.Tensor,
+    keep: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Attention of each query row over the K/V rows its KV head selected.
+
+    Parameters
+    ----------
+    query : ``[B, HQ, T, K]``; the ``G = HQ // H`` query heads of a group share a KV head.
+    key : ``[B, H, L, K]``.
+    value : ``[B, H, L, V]``.
+    indices : ``[B, H, T, S]`` int64 positions into ``L`` selected for each query row.
+    keep : ``[B, H, T, S]`` bool, False for slots that must not be attended (budget padding).
+    scale : softmax scale, usually ``K ** -0.5``.
+
+    Returns
+    -------
+    ``[B, T, HQ, V]`` in ``query.dtype``, computed in float32. A row with no kept slot returns zeros.
+    """
+    B, HQ, T, K = query.shape
+    H, L, V = key.shape[1], key.shape[2], value.shape[-1]
+    S = indices.shape[-1]
+    G = HQ // H
+    idx = indices.reshape(B, H, T * S, 1)
+    k_sel = key.gather(2, idx.expand(B, H, T * S, K)).view(B, H, T, S, K).float()
+    v_sel = value.gather(2, idx.expand(B, H, T * S, V)).view(B, H, T, S, V).float()
+    q = query.view(B, H, G, T, K).float()
+    logits = torch.einsum("bhgtk,bhtsk->bhgts", q, k_sel) * scale  # [B, H, G, T, S]
+    logits = logits.masked_fill(~keep[:, :, None], float("-inf"))
+    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # all-masked rows -> zeros
+    out = torch.einsum("bhgts,bhtsv->bhgtv", probs, v_sel)  # [B, H, G, T, V]
+    return out.reshape(B, HQ, T, V).transpose(1, 2).contiguous().to(query.dtype)

@@ -1,0 +1,36 @@
+"""butler_cache: TokenButler sparse-attention decoding for Hugging Face transformers.
+
+    cache = ButlerCache.from_pretrained(predictor_dir_or_hub_id, model=model, token_budget=256)
+    out = model.generate(**inputs, past_key_values=cache, max_new_tokens=200)
+"""
+
+__version__ = "0.1.0"
+
+from .architecture import BaseModelShape, UnsupportedModelError
+from .attention import ATTENTION_NAME, attach, butler_attention_forward, detach, is_attached
+from .budget import TokenBudget
+from .cache import ButlerCache, ButlerLayer, SparseAttentionSettings, StepStats
+from .config import ButlerConfig
+from .policies import POLICIES, SelectionPolicy, make_policy
+from .predictor import ButlerPredictor
+
+__all__ = [
+    "ATTENTION_NAME",
+    "POLICIES",
+    "BaseModelShape",
+    "ButlerCache",
+    "ButlerConfig",
+    "ButlerLayer",
+    "ButlerPredictor",
+    "SelectionPolicy",
+    "SparseAttentionSettings",
+    "StepStats",
+    "TokenBudget",
+    "UnsupportedModelError",
+    "__version__",
+    "attach",
+    "butler_attention_forward",
+    "detach",
+    "is_attached",
+    "make_policy",
+]

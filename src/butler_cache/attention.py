@@ -1,0 +1,143 @@
+"""The attention function butler_cache registers with transformers, and attaching it to a model.
+
+`butler_attention_forward` runs transformers' own SDPA attention unless the call comes from a
+`ButlerLayer` of a `ButlerCache` whose budget does not cover the context; then it scores the cached
+keys with the cache's policy, selects per KV head, and attends over the selected rows only.
+"""
+
+from __future__ import annotations
+
+import weakref
+from functools import partial
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.hooks import RemovableHandle
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+from .architecture import check_supported, decoder_layers
+from .cache import ACTIVE_LAYER, ButlerCache, ButlerLayer
+from .kernels import sparse_attention
+from .policies import ScoringInputs
+from .selection import key_validity, select_tokens
+
+# No "/", "sdpa", "flash" or "flex" in the name: transformers gives those special handling.
+ATTENTION_NAME = "butler_cache"
+
+_ATTACHED: weakref.WeakKeyDictionary[torch.nn.Module, tuple[str, list[RemovableHandle]]] = weakref.WeakKeyDictionary()
+
+
+def register() -> None:
+    """Register the attention and mask functions under ``ATTENTION_NAME`` (idempotent)."""
+    AttentionInterface.register(ATTENTION_NAME, butler_attention_forward)
+    AttentionMaskInterface.register(ATTENTION_NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+
+
+def attach(model: torch.nn.Module) -> torch.nn.Module:
+    """Route ``model``'s attention through butler_cache and hook its decoder layers (idempotent).
+
+    Without a `ButlerCache` in ``past_key_values`` the model computes exactly what SDPA computes.
+    """
+    check_supported(model)
+    if model in _ATTACHED:
+        return model
+    register()
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(ATTENTION_NAME)
+    handles = [
+        layer.register_forward_pre_hook(partial(_decoder_layer_input_hook, i), with_kwargs=True)
+        for i, layer in enumerate(decoder_layers(model))
+    ]
+    _ATTACHED[model] = (previous, handles)
+    return model
+
+
+def detach(model: torch.nn.Module) -> torch.nn.Module:
+    """Undo `attach`: remove the hooks and restore the previous attention implementation."""
+    entry = _ATTACHED.pop(model, None)
+    if entry is not None:
+        previous, handles = entry
+        for handle in handles:
+            handle.remove()
+        model.set_attn_implementation(previous or "sdpa")
+    return model
+
+
+def is_attached(model: torch.nn.Module) -> bool:
+    return model in _ATTACHED
+
+
+def _decoder_layer_input_hook(layer_idx: int, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    cache = kwargs.get("past_key_values")
+    if isinstance(cache, ButlerCache):
+        hidden_states = args[0] if args else kwargs["hidden_states"]
+        cache.on_layer_input(layer_idx, hidden_states)
+
+
+def _take_active_layer(module: torch.nn.Module, key: torch.Tensor) -> ButlerLayer | None:
+    layer = ACTIVE_LAYER.get()
+    if layer is None:
+        return None
+    ACTIVE_LAYER.set(None)
+    if layer.layer_idx != getattr(module, "layer_idx", None) or key is not layer.keys:
+        return None
+    return layer
+
+
+def butler_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention interface. ``query`` ``[B, HQ, T, D]``, ``key``/``value`` ``[B, H_kv, L, D]``.
+
+    Returns ``([B, T, HQ, D], None)``.
+    """
+    layer = _take_active_layer(module, key)
+    if layer is None or kwargs.get("sliding_window") or (dropout and module.training):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    settings = layer.settings
+    q_len, kv_len = query.shape[2], key.shape[2]
+    dense = settings.budget.covers(kv_len) or (q_len > 1 and not settings.sparse_prefill)
+    if dense:
+        if layer.stats is not None:
+            layer.stats.record(q_len, kv_len, None)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    valid = key_validity(attention_mask, q_len, kv_len, key.device)  # [B|1, 1, T, L]
+    scores = settings.policy.score(ScoringInputs(query=query, key=key, valid=valid, scaling=scale, layer=layer))
+    selection = select_tokens(scores, valid, settings.budget)  # [B, H_kv, T, K]
+    layer.importance_queries = None
+    if layer.stats is not None:
+        layer.stats.record(q_len, kv_len, selection.attended())
+    if q_len == 1:
+        out = sparse_attention(query, key, value, selection.indices, selection.keep, scale, backend=settings.backend)
+    else:
+        out = masked_attention(query, key, value, selection.as_mask(kv_len), scale)
+    return out, None
+
+
+def masked_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Dense attention restricted by a per-KV-head boolean mask ``[B, H_kv, T, L]``; returns ``[B, T, HQ, D]``.
+
+    Rows with nothing to attend (left-padding queries) attend to everything, so that they stay
+    finite; their outputs are never read by valid tokens.
+    """
+    groups = query.shape[1] // key.shape[1]
+    mask = mask | ~mask.any(dim=-1, keepdim=True)
+    mask = mask.repeat_interleave(groups, dim=1)  # [B, HQ, T, L]
+    k = key.repeat_interleave(groups, dim=1)
+    v = value.repeat_interleave(groups, dim=1)
+    out = F.scaled_dot_product_attention(query, k, v, attn_mask=mask, scale=scale)
+    return out.transpose(1, 2).contiguous()

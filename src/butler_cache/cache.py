@@ -1,0 +1,269 @@
+"""`ButlerCache`: a `DynamicCache` that keeps the full K/V and lets each step attend to a budget of it.
+
+Full-attention layers served by the policy become `ButlerLayer`s, which store beside the real keys
+the predictor's projected keys (``[B, H_kv, L, d']``) and keep them in sync through every cache
+operation transformers performs. Sliding-window layers and the layers before the first sparse one
+keep transformers' own layer classes and stay dense.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from .architecture import BaseModelShape, check_supported
+from .budget import TokenBudget
+from .kernels import check_backend
+from .policies import SelectionPolicy, make_policy
+from .predictor import ButlerPredictor
+
+# The ButlerLayer whose `update` ran last and whose attention has not run yet. The attention function
+# reads it to find the cache layer of the call (it is given neither the cache nor the layer).
+ACTIVE_LAYER: ContextVar[ButlerLayer | None] = ContextVar("butler_cache_active_layer", default=None)
+
+
+@dataclass
+class SparseAttentionSettings:
+    """How the sparse layers of one cache select and attend (shared by its layers)."""
+
+    policy: SelectionPolicy
+    budget: TokenBudget
+    backend: str = "auto"
+    sparse_prefill: bool = False
+    record_stats: bool = False
+
+
+@dataclass
+class StepStats:
+    """What one forward did in the sparse layers: queries, context and mean tokens attended per row."""
+
+    query_length: int
+    context_length: int
+    attended: float | None  # None: the forward ran dense (the budget covered the context)
+
+
+@dataclass
+class _StatsRecorder:
+    steps: list[StepStats] = field(default_factory=list)
+    _sum: float = 0.0
+    _layers: int = 0
+    _open: tuple[int, int] | None = None
+
+    def record(self, query_length: int, context_length: int, attended: torch.Tensor | None) -> None:
+        key = (query_length, context_length)
+        if self._open != key:
+            self.close()
+            self._open = key
+        if attended is not None:
+            self._sum += attended.float().mean().item()
+            self._layers += 1
+
+    def close(self) -> None:
+        if self._open is not None:
+            q, n = self._open
+            self.steps.append(StepStats(q, n, self._sum / self._layers if self._layers else None))
+        self._open, self._sum, self._layers = None, 0.0, 0
+
+
+class ButlerLayer(DynamicLayer):
+    """A full-attention cache layer with per-token predictor state kept in sync with its K/V."""
+
+    def __init__(self, layer_idx: int, settings: SparseAttentionSettings, predictor: ButlerPredictor | None = None):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.settings = settings
+        self.predictor = predictor
+        self.projected_keys: torch.Tensor | None = None  # [B, H_kv, L, d']
+        self.importance_queries: torch.Tensor | None = None  # [B, HQ, T, d'] of the forward in flight
+        self.stats: _StatsRecorder | None = None
+
+    def __repr__(self) -> str:
+        return f"ButlerLayer(layer_idx={self.layer_idx}, predictor={self.predictor is not None})"
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = super().update(key_states, value_states)
+        if self.predictor is not None:
+            new = self.predictor.project_keys(self.layer_idx, key_states)  # [B, H_kv, T, d']
+            self.projected_keys = new if self.projected_keys is None else torch.cat([self.projected_keys, new], dim=-2)
+        ACTIVE_LAYER.set(self)
+        return keys, values
+
+    # ------------------------------------------------------------------ keeping predictor state in sync
+    def _map_state(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        if self.projected_keys is not None and self.projected_keys.numel() > 0:
+            self.projected_keys = fn(self.projected_keys)
+        self.importance_queries = None
+
+    def reset(self) -> None:
+        super().reset()
+        self.projected_keys = None
+        self.importance_queries = None
+
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)
+        if tokens_to_remove != 0:
+            self._map_state(lambda t: t[..., : -abs(tokens_to_remove), :])
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self._map_state(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self._map_state(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self._map_state(lambda t: t[indices, ...])
+
+    def offload(self) -> None:
+        super().offload()
+        if self.projected_keys is not None:
+            self.projected_keys = self.projected_keys.to("cpu", non_blocking=True)
+
+    def prefetch(self) -> None:
+        super().prefetch()
+        if self.projected_keys is not None and self.is_initialized and self.projected_keys.device != self.device:
+            self.projected_keys = self.projected_keys.to(self.device, non_blocking=True)
+
+
+class ButlerCache(DynamicCache):
+    """A KV cache that attends, in its sparse layers, to sinks + local window + the top-scored tokens.
+
+    Parameters
+    ----------
+    model : the transformers model the cache will serve; it is attached (`butler_cache.attach`).
+    predictor : a `ButlerPredictor`, needed by the ``"butler"`` policy.
+    policy : a registered policy name (``"butler"``, ``"oracle"``) or instance; by default
+        ``"butler"`` when a predictor is given, else ``"oracle"``.
+    token_budget, budget_ratio : exactly one; see `TokenBudget`.
+    sink_tokens, local_window : always-kept first and most recent tokens (counted in the budget).
+    backend : ``"auto"``, ``"torch"`` or ``"triton"`` for the sparse attention.
+    sparse_prefill : also make multi-token forwards (prefill, chunks) sparse, each query row attending
+        to its own selection; by default they run dense and only decoding is sparse.
+    first_sparse_layer : without a predictor, full-attention layers before it stay dense (with a
+        predictor, its config decides).
+    offloading : as `DynamicCache(offloading=True)`.
+    record_stats : record per-forward attended-token counts in ``cache.stats`` (costs a sync per layer).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        predictor: ButlerPredictor | None = None,
+        *,
+        policy: str | SelectionPolicy | None = None,
+        token_budget: int | None = None,
+        budget_ratio: float | None = None,
+        sink_tokens: int = 4,
+        local_window: int = 16,
+        backend: str = "auto",
+        sparse_prefill: bool = False,
+        first_sparse_layer: int = 1,
+        offloading: bool = False,
+        record_stats: bool = False,
+    ):
+        from .attention import attach
+
+        check_supported(model)
+        policy = make_policy(policy if policy is not None else ("butler" if predictor is not None else "oracle"))
+        if policy.requires_predictor and predictor is None:
+            raise ValueError(
+                f"policy {policy.name!r} needs a predictor: pass predictor=ButlerPredictor(...) or use "
+                "ButlerCache.from_pretrained(path_or_hub_id, model=model, ...)"
+            )
+        if predictor is not None:
+            predictor.check_compatible(model)
+        self.settings = SparseAttentionSettings(
+            policy=policy,
+            budget=TokenBudget(token_budget, budget_ratio, sink_tokens, local_window),
+            backend=check_backend(backend),
+            sparse_prefill=sparse_prefill,
+            record_stats=record_stats,
+        )
+        self.predictor = predictor if policy.requires_predictor else None
+        super().__init__(config=model.config, offloading=offloading)
+        full = BaseModelShape.from_model(model).full_attention_layers
+        if self.predictor is not None:
+            self.sparse_layers = self.predictor.config.sparse_layers
+        else:
+            self.sparse_layers = tuple(i for i in full if i >= first_sparse_layer)
+        self.stats_recorder = _StatsRecorder() if record_stats else None
+        for i in self.sparse_layers:
+            layer = ButlerLayer(i, self.settings, self.predictor)
+            layer.stats = self.stats_recorder
+            self.layers[i] = layer
+        attach(model)
+
+    def __repr__(self) -> str:
+        b = self.settings.budget
+        budget = f"token_budget={b.token_budget}" if b.token_budget is not None else f"budget_ratio={b.budget_ratio}"
+        return (
+            f"ButlerCache(policy={self.settings.policy.name!r}, {budget}, sink_tokens={b.sink_tokens}, "
+            f"local_window={b.local_window}, sparse_layers={len(self.sparse_layers)}/{len(self.layers)}, "
+            f"seq_length={self.get_seq_length()})"
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained: str | Path,
+        model: torch.nn.Module,
+        *,
+        token_budget: int | None = None,
+        budget_ratio: float | None = None,
+        sink_tokens: int = 4,
+        local_window: int = 16,
+        policy: str | SelectionPolicy = "butler",
+        backend: str = "auto",
+        revision: str | None = None,
+        cache_dir: str | Path | None = None,
+        token: str | bool | None = None,
+        local_files_only: bool = False,
+        **overrides: Any,
+    ) -> ButlerCache:
+        """Load a trained predictor (local folder or Hub id), check it fits ``model``, attach, build the cache.
+
+        ``overrides`` are further `ButlerCache` keywords (``sparse_prefill``, ``offloading``,
+        ``record_stats``).
+        """
+        param = next(model.parameters())
+        predictor = ButlerPredictor.from_pretrained(
+            pretrained, revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only
+        ).to(param.device)
+        return cls(
+            model,
+            predictor,
+            policy=policy,
+            token_budget=token_budget,
+            budget_ratio=budget_ratio,
+            sink_tokens=sink_tokens,
+            local_window=local_window,
+            backend=backend,
+            **overrides,
+        )
+
+    # ------------------------------------------------------------------ predictor hook
+    def on_layer_input(self, layer_idx: int, hidden_states: torch.Tensor) -> None:
+        """Called with the hidden state entering decoder layer ``layer_idx``: run its producer, if any."""
+        if self.predictor is None:
+            return
+        for served, queries in self.predictor.importance_queries(layer_idx, hidden_states).items():
+            self.layers[served].importance_queries = queries
+
+    @property
+    def stats(self) -> list[StepStats]:
+        """Per forward: query length, context length, mean tokens attended per sparse row (``record_stats``)."""
+        if self.stats_recorder is None:
+            raise RuntimeError("build the cache with record_stats=True to collect stats")
+        self.stats_recorder.close()
+        return self.stats_recorder.steps

@@ -1,0 +1,141 @@
+"""`ButlerConfig`: what a trained predictor is and which base model it belongs to.
+
+Saved as ``butler_config.json`` beside ``butler_predictor.safetensors``, the way PEFT saves
+``adapter_config.json`` beside its weights (under names of our own, see ``persistence.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .architecture import BaseModelShape
+
+CONFIG_NAME = "butler_config.json"
+WEIGHTS_NAME = "butler_predictor.safetensors"
+
+PREDICTOR_TYPES = ("strided",)
+
+
+@dataclass
+class ButlerConfig:
+    """Hyper-parameters of a TokenButler predictor and the shape of the base model it serves.
+
+    Second-generation design ("strided"): producers sit at a fixed depth stride over the sparse
+    layers; each reads the hidden state entering its layer and emits, for every query head of the
+    ``layer_stride`` layers it serves, an importance query of ``importance_dim`` numbers. Each
+    (layer, KV head) has a learned projection of the real keys to the same width.
+
+    Parameters
+    ----------
+    base_model : BaseModelShape
+        Shape of the model the predictor was built for; attaching it elsewhere is an error.
+    layer_stride : int
+        Number of consecutive sparse layers served by one producer (``G`` in the paper).
+    importance_dim : int
+        Width ``d'`` of importance queries and projected keys.
+    intermediate_size : int
+        Hidden width of each producer's MLP.
+    first_sparse_layer : int
+        Full-attention layers before this index stay dense (layer 0 by default).
+    """
+
+    base_model: BaseModelShape
+    predictor_type: str = "strided"
+    layer_stride: int = 4
+    importance_dim: int = 16
+    intermediate_size: int = 128
+    first_sparse_layer: int = 1
+    base_model_name_or_path: str | None = None
+    revision: str | None = None
+    library_version: str | None = None
+    training: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.base_model, dict):
+            self.base_model = BaseModelShape(**self.base_model)
+        if self.predictor_type not in PREDICTOR_TYPES:
+            raise ValueError(
+                f"predictor_type={self.predictor_type!r} is not known; expected one of {PREDICTOR_TYPES}"
+            )
+        for name in ("layer_stride", "importance_dim", "intermediate_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name}={value!r} must be a positive integer")
+        if not 0 <= self.first_sparse_layer < self.base_model.num_hidden_layers:
+            raise ValueError(
+                f"first_sparse_layer={self.first_sparse_layer} must lie in "
+                f"[0, {self.base_model.num_hidden_layers}) for a {self.base_model.num_hidden_layers}-layer model"
+            )
+        if not self.sparse_layers:
+            raise ValueError(
+                f"no full-attention layer at or after first_sparse_layer={self.first_sparse_layer} "
+                f"(full-attention layers: {list(self.base_model.full_attention_layers)}): nothing to predict"
+            )
+
+    # ------------------------------------------------------------------ derived layout
+    @property
+    def sparse_layers(self) -> tuple[int, ...]:
+        """Layers whose attention the predictor serves (full attention, index >= first_sparse_layer)."""
+        return tuple(i for i in self.base_model.full_attention_layers if i >= self.first_sparse_layer)
+
+    @property
+    def producer_groups(self) -> tuple[tuple[int, ...], ...]:
+        """Sparse layers split into runs of ``layer_stride``; each run's first layer hosts its producer."""
+        layers = self.sparse_layers
+        return tuple(layers[i : i + self.layer_stride] for i in range(0, len(layers), self.layer_stride))
+
+    @property
+    def num_parameters_estimate(self) -> int:
+        """Parameter count of the predictor this config describes (without building it)."""
+        shape = self.base_model
+        d, hq, hkv, e = shape.hidden_size, shape.num_attention_heads, shape.num_key_value_heads, self.importance_dim
+        producers = sum(
+            2 * d + d * self.intermediate_size + self.intermediate_size
+            + self.intermediate_size * len(g) * hq * e + len(g) * hq * e
+            for g in self.producer_groups
+        )
+        return producers + len(self.sparse_layers) * hkv * shape.head_dim * e
+
+    @property
+    def score_scale(self) -> float:
+        return 1.0 / math.sqrt(self.importance_dim)
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ButlerConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{CONFIG_NAME} has unknown fields {unknown}; expected a subset of {sorted(known)}")
+        if "base_model" not in data:
+            raise ValueError(f"{CONFIG_NAME} lacks the 'base_model' section describing the model it was trained for")
+        return cls(**data)
+
+    def to_json_file(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def from_json_file(cls, path: str | Path) -> ButlerConfig:
+        try:
+            data = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON: {err}") from err
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
+        return cls.from_dict(data)
+
+    @classmethod
+    def for_model(cls, model_or_config: Any, **kwargs: Any) -> ButlerConfig:
+        """A config for ``model_or_config`` (a transformers model or its config) with the given sizes."""
+        shape = BaseModelShape.from_model(model_or_config)
+        config = getattr(model_or_config, "config", model_or_config)
+        kwargs.setdefault("base_model_name_or_path", getattr(config, "_name_or_path", None) or None)
+        return cls(base_model=shape, **kwargs)

@@ -1,0 +1,36 @@
+"""TokenButler: scores from the learned predictor (importance queries x projected keys)."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import ScoringInputs, SelectionPolicy, group_max_probabilities
+
+
+class ButlerPolicy(SelectionPolicy):
+    """Predicted attention probabilities, reduced (max) over each GQA group.
+
+    TokenButler (Akhauri et al., 2025, arXiv 2503.07518). The importance queries come from the
+    producer that serves this layer; the projected keys are cached beside the real keys.
+    """
+
+    name = "butler"
+    requires_predictor = True
+
+    def score(self, inputs: ScoringInputs) -> torch.Tensor:
+        layer = inputs.layer
+        queries = layer.importance_queries  # [B, HQ, T, d']
+        if queries is None:
+            raise RuntimeError(
+                f"layer {layer.layer_idx}: no importance queries were produced for this forward; "
+                "is the model attached (butler_cache.attach) and the cache passed as past_key_values?"
+            )
+        projected = layer.projected_keys  # [B, H_kv, L, d']
+        T, L = inputs.query.shape[2], inputs.key.shape[2]
+        if queries.shape[2] != T or projected.shape[2] != L:
+            raise RuntimeError(
+                f"layer {layer.layer_idx}: predictor state out of sync with the cache "
+                f"(queries for {queries.shape[2]} rows vs {T}; projected keys for {projected.shape[2]} tokens vs {L})"
+            )
+        logits = layer.predictor.score_logits(queries, projected)  # [B, HQ, T, L]
+        return group_max_probabilities(logits, inputs.valid, inputs.num_key_value_heads)
