@@ -32,7 +32,7 @@ def sparse_attention_naive(
     ``[B, T, HQ, V]`` in ``query.dtype``, computed in float32. A row with no kept slot returns zeros.
     """
     B, HQ, T, K = query.shape
-    H, L, V = key.shape[1], key.shape[2], value.shape[-1]
+    H, V = key.shape[1], value.shape[-1]
     S = indices.shape[-1]
     G = HQ // H
     idx = indices.reshape(B, H, T * S, 1)

@@ -88,7 +88,7 @@ class ButlerPredictor(nn.Module, PushToHubMixin):
         if producer is None:
             return {}
         queries = self.producers[producer](hidden_states.to(self.key_projections.dtype))
-        return dict(zip(self.config.producer_groups[producer], queries.unbind(0)))
+        return dict(zip(self.config.producer_groups[producer], queries.unbind(0), strict=True))
 
     def project_keys(self, layer_idx: int, keys: torch.Tensor) -> torch.Tensor:
         """``[B, H_kv, T, head_dim]`` real keys of ``layer_idx`` -> ``[B, H_kv, T, d']`` projected keys."""
