@@ -1,0 +1,144 @@
+"""``butler-cache`` command line: ``butler-cache generate --prompt "..."``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+
+import torch
+from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
+
+from .cache import ButlerCache, StepStats
+from .policies import POLICIES
+
+
+class _TokenClock(StoppingCriteria):
+    """Records the time at which each new token is available (never stops generation)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        self.times.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def _timed_generate(model, inputs, cache, args) -> tuple[torch.Tensor, float, list[float]]:
+    clock = _TokenClock()
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(
+            **inputs,
+            past_key_values=cache,
+            max_new_tokens=args.max_new_tokens,
+            do_sample=args.temperature > 0,
+            temperature=args.temperature if args.temperature > 0 else None,
+            top_p=None,
+            top_k=None,
+            stopping_criteria=StoppingCriteriaList([clock]),
+        )
+    first = clock.times[0] - start if clock.times else float("nan")
+    per_token = [b - a for a, b in zip(clock.times, clock.times[1:])]
+    return out, first, per_token
+
+
+def _describe_steps(stats: list[StepStats], width: int = 8) -> list[str]:
+    decode = [s for s in stats if s.query_length == 1]
+    lines = [f"{'step':>6} {'context':>8} {'attended':>9}"]
+    for step, s in enumerate(decode):
+        if width <= step < len(decode) - width:
+            if step == width:
+                lines.append(f"{'...':>6}")
+            continue
+        att = "dense" if s.attended is None else f"{s.attended:.1f}"
+        lines.append(f"{step:>6} {s.context_length:>8} {att:>9}")
+    sparse = [s for s in decode if s.attended is not None]
+    if sparse:
+        mean_att = sum(s.attended for s in sparse) / len(sparse)
+        mean_ctx = sum(s.context_length for s in sparse) / len(sparse)
+        lines.append(
+            f"sparse steps: {len(sparse)}/{len(decode)}; mean tokens attended {mean_att:.1f} of {mean_ctx:.1f} "
+            f"in context ({mean_att / mean_ctx:.0%}) per KV head in each sparse layer"
+        )
+    else:
+        lines.append(f"sparse steps: 0/{len(decode)} (the budget covered the whole context at every step)")
+    return lines
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .default_model import load_model
+
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_model(args.model)
+    if args.chat_template and tokenizer.chat_template:
+        inputs = tokenizer.apply_chat_template(
+            [{"role": "user", "content": args.prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+    else:
+        inputs = tokenizer(args.prompt, return_tensors="pt")
+    prompt_len = inputs["input_ids"].shape[1]
+    budget = {"token_budget": args.token_budget} if args.budget_ratio is None else {"budget_ratio": args.budget_ratio}
+    common = {"sink_tokens": args.sink_tokens, "local_window": args.local_window, "record_stats": True, **budget}
+    if args.policy == "butler":
+        if not args.predictor:
+            print("error: --policy butler needs --predictor PATH_OR_HUB_ID (no predictor ships yet)", file=sys.stderr)
+            return 2
+        cache = ButlerCache.from_pretrained(args.predictor, model, policy="butler", **common)
+    else:
+        cache = ButlerCache(model, policy=args.policy, **common)
+
+    out, first, per_token = _timed_generate(model, inputs, cache, args)
+    answer = tokenizer.decode(out[0, prompt_len:], skip_special_tokens=True)
+    print(answer.strip())
+    print()
+    print(f"model: {model.config._name_or_path} | {cache}")
+    print(f"prompt: {prompt_len} tokens, generated: {out.shape[1] - prompt_len} tokens")
+    for line in _describe_steps(cache.stats):
+        print(line)
+    mean = sum(per_token) / len(per_token) if per_token else float("nan")
+    print(f"time: prefill + first token {first * 1e3:.0f} ms, then {mean * 1e3:.1f} ms per token ({args.policy})")
+    if args.compare_dense:
+        dense_out, dense_first, dense_per_token = _timed_generate(model, inputs, DynamicCache(config=model.config), args)
+        dense_mean = sum(dense_per_token) / len(dense_per_token) if dense_per_token else float("nan")
+        same = torch.equal(dense_out, out)
+        print(
+            f"dense:  prefill + first token {dense_first * 1e3:.0f} ms, then {dense_mean * 1e3:.1f} ms per token; "
+            f"output {'identical to' if same else 'differs from'} the sparse run"
+        )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="butler-cache", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate through a ButlerCache and report what the cache did")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--model", default="default", help="'default' (embedded SmolLM2-135M-Instruct), a folder or a Hub id")
+    gen.add_argument("--policy", default="oracle", choices=sorted(POLICIES))
+    gen.add_argument("--predictor", default=None, help="predictor folder or Hub id (for --policy butler)")
+    gen.add_argument("--token-budget", type=int, default=64, help="tokens attended per KV head (default 64)")
+    gen.add_argument("--budget-ratio", type=float, default=None, help="fraction of the context instead of a count")
+    gen.add_argument("--sink-tokens", type=int, default=4)
+    gen.add_argument("--local-window", type=int, default=16)
+    gen.add_argument("--max-new-tokens", type=int, default=96)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--no-chat-template", dest="chat_template", action="store_false")
+    gen.add_argument("--compare-dense", action="store_true", help="also run dense attention and compare")
+    gen.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, ModuleNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
