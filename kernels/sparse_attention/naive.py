@@ -29,16 +29,18 @@ def sparse_attention_naive(
 
     Returns
     -------
-    ``[B, T, HQ, V]`` in ``query.dtype``, computed in float32. A row with no kept slot returns zeros.
+    ``[B, T, HQ, V]`` in ``query.dtype``, computed in float32 (float64 for float64 inputs). A row with
+    no kept slot returns zeros.
     """
     B, HQ, T, K = query.shape
     H, V = key.shape[1], value.shape[-1]
     S = indices.shape[-1]
     G = HQ // H
+    acc = torch.promote_types(query.dtype, torch.float32)
     idx = indices.reshape(B, H, T * S, 1)
-    k_sel = key.gather(2, idx.expand(B, H, T * S, K)).view(B, H, T, S, K).float()
-    v_sel = value.gather(2, idx.expand(B, H, T * S, V)).view(B, H, T, S, V).float()
-    q = query.view(B, H, G, T, K).float()
+    k_sel = key.gather(2, idx.expand(B, H, T * S, K)).view(B, H, T, S, K).to(acc)
+    v_sel = value.gather(2, idx.expand(B, H, T * S, V)).view(B, H, T, S, V).to(acc)
+    q = query.view(B, H, G, T, K).to(acc)
     logits = torch.einsum("bhgtk,bhtsk->bhgts", q, k_sel) * scale  # [B, H, G, T, S]
     logits = logits.masked_fill(~keep[:, :, None], float("-inf"))
     probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # all-masked rows -> zeros

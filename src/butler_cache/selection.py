@@ -75,7 +75,7 @@ def select_tokens(scores: torch.Tensor, valid: torch.Tensor, budget: TokenBudget
     row_budget = budget.per_row(n_valid)  # [B, H, q]
     k = budget.max_selected(L)
     forced = forced_tokens(valid, budget.sink_tokens, budget.local_window)
-    priority = scores.float().masked_fill(~valid, float("-inf")).masked_fill(forced, float("inf"))
+    priority = scores.masked_fill(~valid, float("-inf")).masked_fill(forced, float("inf"))
     # Forced keys (+inf) rank before scored ones, invalid keys (-inf) last; a row's budget is at least
     # its number of forced keys and at most its number of valid keys, so its first `row_budget`
     # slots are exactly its selection.

@@ -1,6 +1,6 @@
 """Selection policies: each one a small file that implements `SelectionPolicy.score`."""
 
-from .base import POLICIES, ScoringInputs, SelectionPolicy, group_max_probabilities, make_policy
+from .base import POLICIES, ScoringInputs, SelectionPolicy, group_max_probabilities, make_policy, upcast
 from .butler import ButlerPolicy
 from .oracle import OraclePolicy
 
@@ -12,4 +12,5 @@ __all__ = [
     "SelectionPolicy",
     "group_max_probabilities",
     "make_policy",
+    "upcast",
 ]

@@ -59,8 +59,13 @@ def group_max_probabilities(logits: torch.Tensor, valid: torch.Tensor, num_key_v
     compared so that heads with different softmax normalisers are on one scale.
     """
     B, HQ, T, L = logits.shape
-    probs = torch.softmax(logits.float().masked_fill(~valid, float("-inf")), dim=-1).nan_to_num(0.0)
+    probs = torch.softmax(upcast(logits).masked_fill(~valid, float("-inf")), dim=-1).nan_to_num(0.0)
     return probs.view(B, num_key_value_heads, HQ // num_key_value_heads, T, L).amax(dim=2)
+
+
+def upcast(tensor: torch.Tensor) -> torch.Tensor:
+    """Half-precision tensors to float32; float32 and float64 stay as they are."""
+    return tensor.float() if tensor.element_size() < 4 else tensor
 
 
 def make_policy(policy: str | SelectionPolicy) -> SelectionPolicy:

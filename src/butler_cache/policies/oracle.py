@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import ScoringInputs, SelectionPolicy, group_max_probabilities
+from .base import ScoringInputs, SelectionPolicy, group_max_probabilities, upcast
 
 
 class OraclePolicy(SelectionPolicy):
@@ -20,6 +20,6 @@ class OraclePolicy(SelectionPolicy):
         q, k = inputs.query, inputs.key
         B, HQ, T, D = q.shape
         H = inputs.num_key_value_heads
-        logits = torch.einsum("bhgtd,bhld->bhgtl", q.view(B, H, HQ // H, T, D).float(), k.float())
+        logits = torch.einsum("bhgtd,bhld->bhgtl", upcast(q.view(B, H, HQ // H, T, D)), upcast(k))
         logits = logits.reshape(B, HQ, T, -1) * inputs.scaling
         return group_max_probabilities(logits, inputs.valid, H)
