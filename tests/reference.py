@@ -26,12 +26,18 @@ def reference_selection(scores: list[float], valid_positions: list[int], budget:
     return forced | set(rest[: k - len(forced)])
 
 
-def reference_oracle_attention(query, key, value, valid, scale, budget):
-    """Eager attention where each (row, KV head) attends to its oracle selection. Returns ``[B, T, HQ, D]``."""
+def reference_sparse_attention(query, key, value, valid, scale, budget, score_logits=None):
+    """Eager attention where each (row, KV head) attends to its own selection. Returns ``[B, T, HQ, D]``.
+
+    ``score_logits`` ``[B, HQ, T, L]`` are the logits the selection ranks by (per head softmax, max
+    over the group); by default the true ones, which makes this the oracle.
+    """
     B, HQ, T, D = query.shape
     H, L = key.shape[1], key.shape[2]
     G = HQ // H
     q, k, v = query.double(), key.double(), value.double()
+    if score_logits is None:
+        score_logits = (q @ k.repeat_interleave(G, 1).transpose(-1, -2)) * scale
     out = torch.zeros(B, T, HQ, value.shape[-1], dtype=torch.float64)
     for b in range(B):
         for t in range(T):
@@ -41,7 +47,7 @@ def reference_oracle_attention(query, key, value, valid, scale, budget):
                 continue
             for h in range(H):
                 logits = [(q[b, h * G + g, t] @ k[b, h].T) * scale for g in range(G)]  # G x [L]
-                probs = [torch.softmax(lg[positions], dim=0) for lg in logits]
+                probs = [torch.softmax(score_logits[b, h * G + g, t, positions].double(), dim=0) for g in range(G)]
                 best = torch.stack(probs).amax(0)
                 scores = dict(zip(positions, best.tolist(), strict=True))
                 chosen = sorted(reference_selection(scores, positions, budget))
@@ -51,8 +57,11 @@ def reference_oracle_attention(query, key, value, valid, scale, budget):
     return out.to(query.dtype)
 
 
-def install_reference(sparse_layers: set[int], budget: dict, sparse_prefill: bool) -> str:
-    """Register the oracle reference as an attention implementation; returns its name."""
+def install_reference(sparse_layers: set[int], budget: dict, sparse_prefill: bool, score_logits_fn=None) -> str:
+    """Register the reference as an attention implementation; returns its name.
+
+    ``score_logits_fn(module, query, key) -> [B, HQ, T, L]`` gives the ranking logits (oracle if None).
+    """
 
     def forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
         q_len, kv_len = query.shape[2], key.shape[2]
@@ -62,7 +71,8 @@ def install_reference(sparse_layers: set[int], budget: dict, sparse_prefill: boo
             valid = torch.ones(1, 1, q_len, kv_len, dtype=torch.bool).tril(kv_len - q_len)
         else:
             valid = attention_mask[..., -q_len:, -kv_len:]
-        return reference_oracle_attention(query, key, value, valid, scaling, budget), None
+        logits = score_logits_fn(module, query, key) if score_logits_fn is not None else None
+        return reference_sparse_attention(query, key, value, valid, scaling, budget, logits), None
 
     AttentionInterface.register(REFERENCE_NAME, forward)
     AttentionMaskInterface.register(REFERENCE_NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])

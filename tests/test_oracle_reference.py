@@ -79,3 +79,50 @@ def test_sparse_budget_changes_the_output():
         cache = ButlerCache(model, policy="oracle", token_budget=8, sink_tokens=2, local_window=2, sparse_prefill=True)
         sparse = model(input_ids=ids, attention_mask=mask, past_key_values=cache).logits
     assert (dense - sparse)[0, 10:].abs().max() > 1e-3
+
+
+def _predicted_logits_fn(model, predictor):
+    """Predicted logits recomputed from the predictor's raw parameters and captured hidden states."""
+    hidden = {}
+    for i, layer in enumerate(model.model.layers):
+        layer.register_forward_pre_hook(lambda m, args, i=i: hidden.__setitem__(i, args[0]))
+    config = predictor.config
+
+    def logits_fn(module, query, key):
+        l = module.layer_idx
+        g = next(j for j, group in enumerate(config.producer_groups) if l in group)
+        group = config.producer_groups[g]
+        producer = predictor.producers[g]
+        h = hidden[group[0]][:, -query.shape[2]:]  # [B, T, D]
+        x = torch.nn.functional.layer_norm(h, (h.shape[-1],), producer.norm.weight, producer.norm.bias)
+        x = torch.nn.functional.silu(x @ producer.up.weight.T + producer.up.bias) @ producer.down.weight.T + producer.down.bias
+        B, T, HQ, E = h.shape[0], h.shape[1], query.shape[1], config.importance_dim
+        q_imp = x.view(B, T, len(group), HQ, E)[:, :, group.index(l)].transpose(1, 2)  # [B, HQ, T, E]
+        w = predictor.key_projections[config.sparse_layers.index(l)]  # [H, D, E]
+        pk = torch.einsum("bhld,hde->bhle", key, w).repeat_interleave(HQ // key.shape[1], 1)  # [B, HQ, L, E]
+        return (q_imp @ pk.transpose(-1, -2)) * E**-0.5
+
+    return logits_fn
+
+
+@given(sparse_cases(), st.sampled_from([1, 2, 3]))
+def test_butler_decode_matches_reference(case, stride):
+    family, (hq, hkv), length, pads, budget, seed = case
+    from butler_cache import ButlerConfig, ButlerPredictor
+
+    model = tiny_model(family, seed=seed % 5, dtype=torch.float64, num_attention_heads=hq, num_key_value_heads=hkv)
+    torch.manual_seed(seed)
+    predictor = ButlerPredictor(ButlerConfig.for_model(model, layer_stride=stride, importance_dim=8)).double()
+    reference = copy.deepcopy(model)
+    sparse = set(predictor.config.sparse_layers)
+    reference.set_attn_implementation(
+        install_reference(sparse, budget, False, _predicted_logits_fn(reference, predictor))
+    )
+    ids, mask = random_batch(len(pads), length, pads, seed=seed)
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
+                  output_logits=True, return_dict_in_generate=True)
+    ref = reference.generate(**kwargs, past_key_values=DynamicCache(config=model.config))
+    got = model.generate(**kwargs, past_key_values=ButlerCache(model, predictor, **budget))
+    assert torch.equal(got.sequences, ref.sequences)
+    for step_got, step_ref in zip(got.logits, ref.logits, strict=True):
+        torch.testing.assert_close(step_got, step_ref, **TIGHT)
