@@ -40,7 +40,7 @@ def _timed_generate(model, inputs, cache, args) -> tuple[torch.Tensor, float, li
             stopping_criteria=StoppingCriteriaList([clock]),
         )
     first = clock.times[0] - start if clock.times else float("nan")
-    per_token = [b - a for a, b in zip(clock.times, clock.times[1:])]
+    per_token = [b - a for a, b in zip(clock.times, clock.times[1:], strict=False)]
     return out, first, per_token
 
 
@@ -70,6 +70,9 @@ def _describe_steps(stats: list[StepStats], width: int = 8) -> list[str]:
 def cmd_generate(args: argparse.Namespace) -> int:
     from .default_model import load_model
 
+    if args.policy == "butler" and not args.predictor:
+        print("error: --policy butler needs --predictor PATH_OR_HUB_ID (no predictor ships yet)", file=sys.stderr)
+        return 2
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(args.model)
     if args.chat_template and tokenizer.chat_template:
@@ -82,9 +85,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     budget = {"token_budget": args.token_budget} if args.budget_ratio is None else {"budget_ratio": args.budget_ratio}
     common = {"sink_tokens": args.sink_tokens, "local_window": args.local_window, "record_stats": True, **budget}
     if args.policy == "butler":
-        if not args.predictor:
-            print("error: --policy butler needs --predictor PATH_OR_HUB_ID (no predictor ships yet)", file=sys.stderr)
-            return 2
         cache = ButlerCache.from_pretrained(args.predictor, model, policy="butler", **common)
     else:
         cache = ButlerCache(model, policy=args.policy, **common)
