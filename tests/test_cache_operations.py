@@ -1,4 +1,4 @@
-"""Every cache operation transformers uses keeps K/V and the predictor's projected keys in sync."""
+"""Every cache operation transformers uses keeps K/V and the predictor's importance keys in sync."""
 
 from __future__ import annotations
 
@@ -37,8 +37,8 @@ def assert_in_sync(cache, predictor):
     layers = butler_layers(cache)
     assert layers, "the cache has no sparse layer"
     for layer in layers:
-        assert layer.projected_keys.shape[:3] == layer.keys.shape[:3]
-        torch.testing.assert_close(layer.projected_keys, predictor.project_keys(layer.layer_idx, layer.keys), **CLOSE)
+        assert layer.importance_keys.shape[:3] == layer.keys.shape[:3]
+        torch.testing.assert_close(layer.importance_keys, predictor.keys_from_cache(layer.layer_idx, layer.keys), **CLOSE)
 
 
 def assert_same_cache(got, expected):
@@ -47,7 +47,7 @@ def assert_same_cache(got, expected):
         torch.testing.assert_close(a.keys, b.keys, **CLOSE)
         torch.testing.assert_close(a.values, b.values, **CLOSE)
         if isinstance(a, ButlerLayer):
-            torch.testing.assert_close(a.projected_keys, b.projected_keys, **CLOSE)
+            torch.testing.assert_close(a.importance_keys, b.importance_keys, **CLOSE)
 
 
 def test_layers_are_swapped_only_where_sparse(setup):
@@ -93,7 +93,7 @@ def test_reset_then_reuse(setup):
     cache = prefill(model, predictor, ids, mask)
     cache.reset()
     assert cache.get_seq_length() == 0
-    assert all(layer.projected_keys is None and layer.importance_queries is None for layer in butler_layers(cache))
+    assert all(layer.importance_keys is None and layer.importance_queries is None for layer in butler_layers(cache))
     with torch.no_grad():
         model(input_ids=ids[:, :9], attention_mask=mask[:, :9], past_key_values=cache)
     assert_same_cache(cache, prefill(model, predictor, ids[:, :9], mask[:, :9]))
@@ -139,10 +139,10 @@ def test_offload_and_prefetch_move_predictor_state_with_kv(setup):
     cache = prefill(model, predictor, ids, mask)
     layer = butler_layers(cache)[0]
     layer.offload()
-    assert layer.projected_keys.device.type == layer.keys.device.type == "cpu"
+    assert layer.importance_keys.device.type == layer.keys.device.type == "cpu"
     layer.device = torch.device("meta")  # pretend the layer lives on an accelerator
     layer.prefetch()
-    assert layer.keys.device.type == layer.projected_keys.device.type == "meta"
+    assert layer.keys.device.type == layer.importance_keys.device.type == "meta"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="transformers' cache offloading needs CUDA streams")

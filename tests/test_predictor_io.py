@@ -168,5 +168,3 @@ def test_config_validation(model):
     assert TokenBudget(token_budget=20).covers(20) and not TokenBudget(token_budget=20).covers(21)
 
 
-def test_parameter_count_estimate(model, predictor):
-    assert predictor.config.num_parameters_estimate == predictor.num_parameters()

@@ -8,16 +8,21 @@ __version__ = "0.1.0"
 
 from .architecture import BaseModelShape, UnsupportedModelError
 from .attention import ATTENTION_NAME, attach, butler_attention_forward, detach, is_attached
+from .attentive import AttentivePredictor
 from .budget import TokenBudget
 from .cache import ButlerCache, ButlerLayer, SparseAttentionSettings, StepStats
+from .capture import AttentionCapture, capture_attention
 from .config import ButlerConfig
 from .policies import POLICIES, SelectionPolicy, make_policy
 from .predictor import ButlerPredictor
+from .strided import StridedPredictor
 
 __all__ = [
     "ATTENTION_NAME",
+    "AttentivePredictor",
     "POLICIES",
     "BaseModelShape",
+    "AttentionCapture",
     "ButlerCache",
     "ButlerConfig",
     "ButlerLayer",
@@ -25,11 +30,13 @@ __all__ = [
     "SelectionPolicy",
     "SparseAttentionSettings",
     "StepStats",
+    "StridedPredictor",
     "TokenBudget",
     "UnsupportedModelError",
     "__version__",
     "attach",
     "butler_attention_forward",
+    "capture_attention",
     "detach",
     "is_attached",
     "make_policy",

@@ -20,8 +20,10 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 
 from .architecture import check_supported, decoder_layers
 from .cache import ACTIVE_LAYER, ButlerCache, ButlerLayer
+from .capture import CAPTURE
 from .kernels import sparse_attention
 from .policies import ScoringInputs
+from .predictor import LayerInput
 from .selection import key_validity, select_tokens
 
 # No "/", "sdpa", "flash" or "flex" in the name: transformers gives those special handling.
@@ -72,9 +74,15 @@ def is_attached(model: torch.nn.Module) -> bool:
 
 def _decoder_layer_input_hook(layer_idx: int, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
     cache = kwargs.get("past_key_values")
+    capture = CAPTURE.get()
+    if not isinstance(cache, ButlerCache) and capture is None:
+        return
+    hidden_states = args[0] if args else kwargs["hidden_states"]  # [B, T, D]
+    inputs = LayerInput(hidden_states, kwargs.get("position_ids"), kwargs.get("attention_mask"))
     if isinstance(cache, ButlerCache):
-        hidden_states = args[0] if args else kwargs["hidden_states"]
-        cache.on_layer_input(layer_idx, hidden_states)
+        cache.on_layer_input(layer_idx, inputs)
+    if capture is not None:
+        capture.record_layer_input(layer_idx, inputs)
 
 
 def _take_active_layer(module: torch.nn.Module, key: torch.Tensor) -> ButlerLayer | None:
@@ -101,6 +109,9 @@ def butler_attention_forward(
 
     Returns ``([B, T, HQ, D], None)``.
     """
+    capture = CAPTURE.get()
+    if capture is not None:
+        capture.record_attention(module.layer_idx, query, key)
     layer = _take_active_layer(module, key)
     if layer is None or kwargs.get("sliding_window") or (dropout and module.training):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)

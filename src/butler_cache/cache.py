@@ -1,7 +1,7 @@
 """`ButlerCache`: a `DynamicCache` that keeps the full K/V and lets each step attend to a budget of it.
 
 Full-attention layers served by the policy become `ButlerLayer`s, which store beside the real keys
-the predictor's projected keys (``[B, H_kv, L, d']``) and keep them in sync through every cache
+the predictor's importance keys (``[B, H_k, L, d']``) and keep them in sync through every cache
 operation transformers performs. Sliding-window layers and the layers before the first sparse one
 keep transformers' own layer classes and stay dense.
 """
@@ -22,7 +22,7 @@ from .architecture import BaseModelShape, check_supported
 from .budget import TokenBudget
 from .kernels import check_backend
 from .policies import SelectionPolicy, make_policy
-from .predictor import ButlerPredictor
+from .predictor import ButlerPredictor, LayerInput
 
 # The ButlerLayer whose `update` ran last and whose attention has not run yet. The attention function
 # reads it to find the cache layer of the call (it is given neither the cache nor the layer).
@@ -80,7 +80,7 @@ class ButlerLayer(DynamicLayer):
         self.layer_idx = layer_idx
         self.settings = settings
         self.predictor = predictor
-        self.projected_keys: torch.Tensor | None = None  # [B, H_kv, L, d']
+        self.importance_keys: torch.Tensor | None = None  # [B, H_k, L, d'], one row per cached token
         self.importance_queries: torch.Tensor | None = None  # [B, HQ, T, d'] of the forward in flight
         self.stats: _StatsRecorder | None = None
 
@@ -92,20 +92,25 @@ class ButlerLayer(DynamicLayer):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         keys, values = super().update(key_states, value_states)
         if self.predictor is not None:
-            new = self.predictor.project_keys(self.layer_idx, key_states)  # [B, H_kv, T, d']
-            self.projected_keys = new if self.projected_keys is None else torch.cat([self.projected_keys, new], dim=-2)
+            new = self.predictor.keys_from_cache(self.layer_idx, key_states)  # [B, H_kv, T, d'] or None
+            if new is not None:
+                self.append_importance_keys(new)
         ACTIVE_LAYER.set(self)
         return keys, values
 
+    def append_importance_keys(self, new: torch.Tensor) -> None:
+        """Add the importance keys ``[B, H_k, T, d']`` of the new tokens."""
+        self.importance_keys = new if self.importance_keys is None else torch.cat([self.importance_keys, new], dim=-2)
+
     # ------------------------------------------------------------------ keeping predictor state in sync
     def _map_state(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        if self.projected_keys is not None and self.projected_keys.numel() > 0:
-            self.projected_keys = fn(self.projected_keys)
+        if self.importance_keys is not None and self.importance_keys.numel() > 0:
+            self.importance_keys = fn(self.importance_keys)
         self.importance_queries = None
 
     def reset(self) -> None:
         super().reset()
-        self.projected_keys = None
+        self.importance_keys = None
         self.importance_queries = None
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -127,13 +132,13 @@ class ButlerLayer(DynamicLayer):
 
     def offload(self) -> None:
         super().offload()
-        if self.projected_keys is not None:
-            self.projected_keys = self.projected_keys.to("cpu", non_blocking=True)
+        if self.importance_keys is not None:
+            self.importance_keys = self.importance_keys.to("cpu", non_blocking=True)
 
     def prefetch(self) -> None:
         super().prefetch()
-        if self.projected_keys is not None and self.is_initialized and self.projected_keys.device != self.device:
-            self.projected_keys = self.projected_keys.to(self.device, non_blocking=True)
+        if self.importance_keys is not None and self.is_initialized and self.importance_keys.device != self.device:
+            self.importance_keys = self.importance_keys.to(self.device, non_blocking=True)
 
 
 class ButlerCache(DynamicCache):
@@ -198,6 +203,8 @@ class ButlerCache(DynamicCache):
         else:
             self.sparse_layers = tuple(i for i in full if i >= first_sparse_layer)
         self.stats_recorder = _StatsRecorder() if record_stats else None
+        # the predictor's own per-token decode state (attentive predictors), kept in sync below
+        self.predictor_state = self.predictor.new_state() if self.predictor is not None else None
         for i in self.sparse_layers:
             layer = ButlerLayer(i, self.settings, self.predictor)
             layer.stats = self.stats_recorder
@@ -253,12 +260,41 @@ class ButlerCache(DynamicCache):
         )
 
     # ------------------------------------------------------------------ predictor hook
-    def on_layer_input(self, layer_idx: int, hidden_states: torch.Tensor) -> None:
+    def on_layer_input(self, layer_idx: int, inputs: LayerInput) -> None:
         """Called with the hidden state entering decoder layer ``layer_idx``: run its producer, if any."""
         if self.predictor is None:
             return
-        for served, queries in self.predictor.importance_queries(layer_idx, hidden_states).items():
-            self.layers[served].importance_queries = queries
+        for served, importance in self.predictor.produce(layer_idx, inputs, self.predictor_state).items():
+            layer = self.layers[served]
+            layer.importance_queries = importance.queries
+            if importance.keys is not None:
+                layer.append_importance_keys(importance.keys)
+
+    # ------------------------------------------------------------------ predictor decode state in sync
+    def reset(self) -> None:
+        super().reset()
+        if self.predictor_state is not None:
+            self.predictor_state.reset()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)
+        if self.predictor_state is not None:
+            self.predictor_state.crop(tokens_to_remove)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        if self.predictor_state is not None:
+            self.predictor_state.reorder_cache(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        if self.predictor_state is not None:
+            self.predictor_state.batch_repeat_interleave(repeats)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        if self.predictor_state is not None:
+            self.predictor_state.batch_select_indices(indices)
 
     @property
     def stats(self) -> list[StepStats]:

@@ -18,7 +18,7 @@ from .architecture import BaseModelShape
 CONFIG_NAME = "butler_config.json"
 WEIGHTS_NAME = "butler_predictor.safetensors"
 
-PREDICTOR_TYPES = ("strided",)
+PREDICTOR_TYPES = ("strided", "attentive")
 
 
 @dataclass
@@ -30,18 +30,32 @@ class ButlerConfig:
     ``layer_stride`` layers it serves, an importance query of ``importance_dim`` numbers. Each
     (layer, KV head) has a learned projection of the real keys to the same width.
 
+    First-generation design ("attentive"): the hidden state entering layer 0 is projected down to
+    ``attentive_hidden_size``, passed through one causal self-attention block (RoPE,
+    ``attentive_num_heads`` heads) and a feed-forward, added back at full width, and two MLPs of
+    width ``intermediate_size`` emit importance queries and keys (RoPE in ``d'`` dims) for every
+    (sparse layer, query head).
+
     Parameters
     ----------
     base_model : BaseModelShape
         Shape of the model the predictor was built for; attaching it elsewhere is an error.
+    predictor_type : str
+        ``"strided"`` (second generation, default) or ``"attentive"`` (first generation).
     layer_stride : int
-        Number of consecutive sparse layers served by one producer (``G`` in the paper).
+        Strided: number of consecutive sparse layers served by one producer (``G`` in the paper).
     importance_dim : int
-        Width ``d'`` of importance queries and projected keys.
+        Width ``d'`` of importance queries and keys.
     intermediate_size : int
-        Hidden width of each producer's MLP.
+        Hidden width of the producers' MLPs (strided) or of the query / key MLPs (attentive).
     first_sparse_layer : int
         Full-attention layers before this index stay dense (layer 0 by default).
+    attentive_hidden_size, attentive_num_heads : int
+        Attentive: width and heads of the small self-attention block.
+    rope_theta : float
+        Attentive: RoPE base of the self-attention block and of the importance queries / keys.
+    training : dict
+        Free-form record of how the predictor was trained (written into the model card).
     """
 
     base_model: BaseModelShape
@@ -50,6 +64,9 @@ class ButlerConfig:
     importance_dim: int = 16
     intermediate_size: int = 128
     first_sparse_layer: int = 1
+    attentive_hidden_size: int = 128
+    attentive_num_heads: int = 4
+    rope_theta: float = 10000.0
     base_model_name_or_path: str | None = None
     revision: str | None = None
     library_version: str | None = None
@@ -62,7 +79,8 @@ class ButlerConfig:
             raise ValueError(
                 f"predictor_type={self.predictor_type!r} is not known; expected one of {PREDICTOR_TYPES}"
             )
-        for name in ("layer_stride", "importance_dim", "intermediate_size"):
+        for name in ("layer_stride", "importance_dim", "intermediate_size", "attentive_hidden_size",
+                     "attentive_num_heads"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
@@ -70,6 +88,11 @@ class ButlerConfig:
             raise ValueError(
                 f"first_sparse_layer={self.first_sparse_layer} must lie in "
                 f"[0, {self.base_model.num_hidden_layers}) for a {self.base_model.num_hidden_layers}-layer model"
+            )
+        if self.attentive_hidden_size % (2 * self.attentive_num_heads) or self.importance_dim % 2:
+            raise ValueError(
+                f"attentive_hidden_size={self.attentive_hidden_size} must split into attentive_num_heads="
+                f"{self.attentive_num_heads} heads of even width, and importance_dim={self.importance_dim} must be even (RoPE)"
             )
         if not self.sparse_layers:
             raise ValueError(
@@ -88,18 +111,6 @@ class ButlerConfig:
         """Sparse layers split into runs of ``layer_stride``; each run's first layer hosts its producer."""
         layers = self.sparse_layers
         return tuple(layers[i : i + self.layer_stride] for i in range(0, len(layers), self.layer_stride))
-
-    @property
-    def num_parameters_estimate(self) -> int:
-        """Parameter count of the predictor this config describes (without building it)."""
-        shape = self.base_model
-        d, hq, hkv, e = shape.hidden_size, shape.num_attention_heads, shape.num_key_value_heads, self.importance_dim
-        producers = sum(
-            2 * d + d * self.intermediate_size + self.intermediate_size
-            + self.intermediate_size * len(g) * hq * e + len(g) * hq * e
-            for g in self.producer_groups
-        )
-        return producers + len(self.sparse_layers) * hkv * shape.head_dim * e
 
     @property
     def score_scale(self) -> float:

@@ -1,107 +1,129 @@
-"""`ButlerPredictor`: the second-generation TokenButler token-importance predictor.
+"""`ButlerPredictor`: the interface every TokenButler predictor implements, its persistence and checks.
 
-Producers at a depth stride turn the hidden state entering their layer into low-dimensional
-importance queries for the layers they serve; a learned per-(layer, KV head) projection maps the real
-post-RoPE keys to the same width. The score of key ``j`` for query head ``h`` of layer ``l`` is
-``q_imp[l, h] . (k[l, kv(h), j] @ W[l, kv(h)]) / sqrt(d')``.
+Two generations share it (``ButlerConfig.predictor_type``):
+
+- ``"strided"`` (`StridedPredictor`, the default): producers at a depth stride emit importance queries;
+  keys are a learned projection of the real cached keys.
+- ``"attentive"`` (`AttentivePredictor`): one small causal self-attention over layer-0 hidden states
+  emits importance queries *and* keys for every sparse layer; it keeps its own decode state.
+
+``ButlerPredictor(config)`` builds the class that ``config.predictor_type`` names.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
+from transformers.cache_utils import DynamicLayer
 from transformers.utils import PushToHubMixin
 
 from . import persistence
 from .architecture import BaseModelShape
 from .config import ButlerConfig
 
+PREDICTOR_CLASSES: dict[str, type[ButlerPredictor]] = {}
 
-class ImportanceQueryProducer(nn.Module):
-    """LayerNorm + MLP from a hidden state to the importance queries of ``num_layers`` layers."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, num_layers: int, num_heads: int, dim: int):
-        super().__init__()
-        self.num_layers, self.num_heads, self.dim = num_layers, num_heads, dim
-        self.norm = nn.LayerNorm(hidden_size)
-        self.up = nn.Linear(hidden_size, intermediate_size)
-        self.act = nn.SiLU()
-        self.down = nn.Linear(intermediate_size, num_layers * num_heads * dim)
+@dataclass
+class LayerInput:
+    """The hidden state entering a decoder layer, with what transformers passed beside it."""
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """``[B, T, D]`` -> ``[num_layers, B, HQ, T, d']``."""
-        B, T, _ = hidden_states.shape
-        out = self.down(self.act(self.up(self.norm(hidden_states))))  # [B, T, n * HQ * d']
-        return out.view(B, T, self.num_layers, self.num_heads, self.dim).permute(2, 0, 3, 1, 4)
+    hidden_states: torch.Tensor  # [B, T, D]
+    position_ids: torch.Tensor | None = None  # [B or 1, T]
+    attention_mask: torch.Tensor | None = None  # the layer's mask [B or 1, 1, T, L] as transformers built it
+
+
+@dataclass
+class Importance:
+    """Importance queries for one served layer, and importance keys of the new tokens when the
+    predictor makes them itself (attentive); None when they come from the real keys (strided)."""
+
+    queries: torch.Tensor  # [B, HQ, T, d']
+    keys: torch.Tensor | None = None  # [B, H_k, T, d']
 
 
 class ButlerPredictor(nn.Module, PushToHubMixin):
-    """Strided importance-query producers plus per-layer key projections.
+    """Base class of TokenButler predictors (see the module docstring)."""
 
-    Build one for a model with ``ButlerPredictor(ButlerConfig.for_model(model))``, load a trained one
-    with ``ButlerPredictor.from_pretrained(path_or_hub_id)``.
-    """
+    predictor_type: ClassVar[str] = ""
+
+    def __new__(cls, config: ButlerConfig, *args: Any, **kwargs: Any):
+        if cls is ButlerPredictor:
+            cls = PREDICTOR_CLASSES[config.predictor_type]
+        return super().__new__(cls)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.predictor_type:
+            PREDICTOR_CLASSES[cls.predictor_type] = cls
 
     def __init__(self, config: ButlerConfig):
         super().__init__()
         self.config = config
-        shape = config.base_model
-        self.producers = nn.ModuleList(
-            ImportanceQueryProducer(
-                shape.hidden_size, config.intermediate_size, len(group), shape.num_attention_heads, config.importance_dim
-            )
-            for group in config.producer_groups
-        )
-        # [n_sparse_layers, H_kv, head_dim, d']
-        self.key_projections = nn.Parameter(
-            torch.empty(len(config.sparse_layers), shape.num_key_value_heads, shape.head_dim, config.importance_dim)
-        )
-        self._producer_of_layer = {group[0]: i for i, group in enumerate(config.producer_groups)}
         self._slot_of_layer = {layer: i for i, layer in enumerate(config.sparse_layers)}
-        self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        # Start the key projections near a random orthogonal-ish map so that untrained scores are not degenerate.
-        nn.init.normal_(self.key_projections, std=self.config.base_model.head_dim**-0.5)
-
-    # ------------------------------------------------------------------ layout
+    # ------------------------------------------------------------------ interface
     @property
     def producer_layers(self) -> tuple[int, ...]:
-        return tuple(group[0] for group in self.config.producer_groups)
+        """Decoder layers whose input hidden state the predictor reads."""
+        raise NotImplementedError
 
+    def produce(self, layer_idx: int, inputs: LayerInput, state: DynamicLayer | None = None) -> dict[int, Importance]:
+        """Run the producer at ``layer_idx`` (if any): ``{served layer: Importance}`` for the new tokens.
+
+        ``state`` is the predictor's own per-token decode state (`new_state`), extended in place.
+        """
+        raise NotImplementedError
+
+    def keys_from_cache(self, layer_idx: int, key_states: torch.Tensor) -> torch.Tensor | None:
+        """Importance keys derived from the model's new real keys ``[B, H_kv, T, D]``, or None."""
+        return None
+
+    def new_state(self) -> DynamicLayer | None:
+        """A fresh per-sequence decode state, kept by the cache beside the K/V (None if stateless)."""
+        return None
+
+    @property
+    def key_heads(self) -> int:
+        """Heads of the importance keys (KV heads for strided, query heads for attentive)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ shared
     def serves(self, layer_idx: int) -> bool:
         return layer_idx in self._slot_of_layer
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    # ------------------------------------------------------------------ compute
-    def importance_queries(self, layer_idx: int, hidden_states: torch.Tensor) -> dict[int, torch.Tensor]:
-        """Run the producer hosted at ``layer_idx`` (if any) on the hidden state entering that layer.
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
 
-        Returns ``{served_layer: [B, HQ, T, d']}``; empty when no producer sits at ``layer_idx``.
-        """
-        producer = self._producer_of_layer.get(layer_idx)
-        if producer is None:
-            return {}
-        queries = self.producers[producer](hidden_states.to(self.key_projections.dtype))
-        return dict(zip(self.config.producer_groups[producer], queries.unbind(0), strict=True))
-
-    def project_keys(self, layer_idx: int, keys: torch.Tensor) -> torch.Tensor:
-        """``[B, H_kv, T, head_dim]`` real keys of ``layer_idx`` -> ``[B, H_kv, T, d']`` projected keys."""
-        weight = self.key_projections[self._slot_of_layer[layer_idx]]  # [H_kv, head_dim, d']
-        return torch.einsum("bhtd,hde->bhte", keys.to(weight.dtype), weight)
-
-    def score_logits(self, queries: torch.Tensor, projected_keys: torch.Tensor) -> torch.Tensor:
-        """Predicted attention logits per query head: ``[B, HQ, T, d']`` x ``[B, H_kv, L, d']`` -> ``[B, HQ, T, L]``."""
+    def score_logits(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """Predicted logits per query head: ``[B, HQ, T, d']`` x ``[B, H_k, L, d']`` -> ``[B, HQ, T, L]``."""
         B, HQ, T, E = queries.shape
-        H = projected_keys.shape[1]
+        H = keys.shape[1]
         grouped = queries.view(B, H, HQ // H, T, E)
-        logits = torch.einsum("bhgte,bhle->bhgtl", grouped, projected_keys) * self.config.score_scale
+        logits = torch.einsum("bhgte,bhle->bhgtl", grouped, keys.to(queries.dtype)) * self.config.score_scale
         return logits.reshape(B, HQ, T, -1)
+
+    def teacher_forced(self, inputs: dict[int, LayerInput], keys: dict[int, torch.Tensor]) -> dict[int, Importance]:
+        """Importance queries and keys of every served layer for whole sequences (training, evaluation).
+
+        ``inputs[l]``: what entered decoder layer ``l`` (producer layers at least); ``keys[l]``: the
+        model's post-RoPE keys of layer ``l``, ``[B, H_kv, T, D]``.
+        """
+        out: dict[int, Importance] = {}
+        for layer in self.producer_layers:
+            out.update(self.produce(layer, inputs[layer]))
+        for layer, importance in out.items():
+            if importance.keys is None:
+                importance.keys = self.keys_from_cache(layer, keys[layer])
+        return out
 
     # ------------------------------------------------------------------ compatibility
     def check_compatible(self, model: Any) -> None:
@@ -113,8 +135,7 @@ class ButlerPredictor(nn.Module, PushToHubMixin):
             trained_for = self.config.base_model_name_or_path or mine.model_type
             model_name = getattr(getattr(model, "config", model), "_name_or_path", "") or model_shape.model_type
             raise ValueError(
-                f"this predictor was trained for {trained_for!r} and cannot serve {model_name!r}: "
-                + "; ".join(diffs)
+                f"this predictor was trained for {trained_for!r} and cannot serve {model_name!r}: " + "; ".join(diffs)
             )
 
     # ------------------------------------------------------------------ persistence
@@ -142,6 +163,8 @@ class ButlerPredictor(nn.Module, PushToHubMixin):
             pretrained, revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only
         )
         config = ButlerConfig.from_json_file(config_path)
-        predictor = cls(config)
+        predictor = ButlerPredictor(config)
+        if cls is not ButlerPredictor and not isinstance(predictor, cls):
+            raise ValueError(f"{pretrained} holds a {config.predictor_type!r} predictor, not a {cls.__name__}")
         persistence.load_weights(predictor, weights_path)
         return predictor.to(device=device, dtype=dtype).eval()

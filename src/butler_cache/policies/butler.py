@@ -11,7 +11,7 @@ class ButlerPolicy(SelectionPolicy):
     """Predicted attention probabilities, reduced (max) over each GQA group.
 
     TokenButler (Akhauri et al., 2025, arXiv 2503.07518). The importance queries come from the
-    producer that serves this layer; the projected keys are cached beside the real keys.
+    producer that serves this layer; the importance keys are cached beside the real keys.
     """
 
     name = "butler"
@@ -25,12 +25,12 @@ class ButlerPolicy(SelectionPolicy):
                 f"layer {layer.layer_idx}: no importance queries were produced for this forward; "
                 "is the model attached (butler_cache.attach) and the cache passed as past_key_values?"
             )
-        projected = layer.projected_keys  # [B, H_kv, L, d']
+        keys = layer.importance_keys  # [B, H_k, L, d']
         T, L = inputs.query.shape[2], inputs.key.shape[2]
-        if queries.shape[2] != T or projected.shape[2] != L:
+        if queries.shape[2] != T or keys is None or keys.shape[2] != L:
             raise RuntimeError(
-                f"layer {layer.layer_idx}: predictor state out of sync with the cache "
-                f"(queries for {queries.shape[2]} rows vs {T}; projected keys for {projected.shape[2]} tokens vs {L})"
+                f"layer {layer.layer_idx}: predictor state out of sync with the cache (importance queries for "
+                f"{queries.shape[2]} rows vs {T}; importance keys for {None if keys is None else keys.shape[2]} tokens vs {L})"
             )
-        logits = layer.predictor.score_logits(queries, projected)  # [B, HQ, T, L]
+        logits = layer.predictor.score_logits(queries, keys)  # [B, HQ, T, L]
         return group_max_probabilities(logits, inputs.valid, inputs.num_key_value_heads)

@@ -1,0 +1,52 @@
+"""Capturing what the frozen model computes, for distillation and evaluation.
+
+Inside ``with capture_attention(model) as cap:`` every forward of an attached model records, per
+decoder layer, the post-RoPE queries and keys its attention saw and the inputs of the layer. Queries
+and keys are small (``[B, H, T, D]``); attention matrices are never stored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+
+import torch
+
+from .predictor import LayerInput
+
+
+@dataclass
+class AttentionCapture:
+    """What one forward recorded; ``layers`` limits the attention recorded (None = all layers)."""
+
+    layers: frozenset[int] | None = None
+    queries: dict[int, torch.Tensor] = field(default_factory=dict)  # [B, HQ, T, D]
+    keys: dict[int, torch.Tensor] = field(default_factory=dict)  # [B, H_kv, T, D]
+    inputs: dict[int, LayerInput] = field(default_factory=dict)
+
+    def record_attention(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor) -> None:
+        if self.layers is None or layer_idx in self.layers:
+            self.queries[layer_idx] = query.detach()  # overwrite: gradient checkpointing may re-run a layer
+            self.keys[layer_idx] = key.detach()
+
+    def record_layer_input(self, layer_idx: int, inputs: LayerInput) -> None:
+        self.inputs[layer_idx] = inputs
+
+
+CAPTURE: ContextVar[AttentionCapture | None] = ContextVar("butler_cache_capture", default=None)
+
+
+@contextmanager
+def capture_attention(model: torch.nn.Module, layers: set[int] | None = None) -> Iterator[AttentionCapture]:
+    """Record queries, keys and layer inputs of ``model``'s forwards (the model is attached if needed)."""
+    from .attention import attach
+
+    attach(model)
+    capture = AttentionCapture(frozenset(layers) if layers is not None else None)
+    token = CAPTURE.set(capture)
+    try:
+        yield capture
+    finally:
+        CAPTURE.reset(token)
