@@ -16,9 +16,11 @@ EXACT = dict(rtol=0.0, atol=0.0)
 
 
 def make_cache(model, policy: str, **budget):
-    if policy == "butler":
-        predictor = ButlerPredictor(ButlerConfig.for_model(model))  # untrained
-        return ButlerCache(model, predictor, **budget)
+    """``policy``: "oracle", or "butler" / "attentive" with an untrained predictor of that generation."""
+    if policy in ("butler", "attentive"):
+        predictor_type = "strided" if policy == "butler" else "attentive"
+        predictor = ButlerPredictor(ButlerConfig.for_model(model, predictor_type=predictor_type, attentive_hidden_size=16))
+        return ButlerCache(model, predictor.to(model.dtype), **budget)
     return ButlerCache(model, policy=policy, **budget)
 
 
@@ -30,7 +32,7 @@ def cases(draw):
     length = draw(st.integers(1, 24))
     pads = [draw(st.integers(0, max(0, length - 1))) for _ in range(batch)]
     pads[0] = 0
-    policy = draw(st.sampled_from(["butler", "oracle"]))
+    policy = draw(st.sampled_from(["butler", "attentive", "oracle"]))
     budget = draw(
         st.one_of(
             st.builds(lambda extra: {"token_budget": 64 + extra}, st.integers(0, 64)),

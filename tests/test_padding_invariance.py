@@ -12,15 +12,17 @@ from .conftest import FAMILIES, random_batch, tiny_model
 
 
 def _cache(model, policy, budget):
-    if policy == "butler":
+    if policy in ("butler", "attentive"):
         torch.manual_seed(1)
-        return ButlerCache(model, ButlerPredictor(ButlerConfig.for_model(model)).double(), **budget)
+        predictor_type = "strided" if policy == "butler" else "attentive"
+        config = ButlerConfig.for_model(model, predictor_type=predictor_type, attentive_hidden_size=16)
+        return ButlerCache(model, ButlerPredictor(config).double(), **budget)
     return ButlerCache(model, policy=policy, **budget)
 
 
 @given(
     family=st.sampled_from(FAMILIES),
-    policy=st.sampled_from(["butler", "oracle"]),
+    policy=st.sampled_from(["butler", "attentive", "oracle"]),
     pads=st.lists(st.integers(0, 8), min_size=2, max_size=3),
     length=st.integers(14, 26),
     budget=st.sampled_from([{"token_budget": 10, "local_window": 4}, {"budget_ratio": 0.5, "local_window": 2}]),

@@ -8,6 +8,7 @@ keys with the cache's policy, selects per KV head, and attends over the selected
 from __future__ import annotations
 
 import weakref
+from contextvars import ContextVar
 from functools import partial
 from typing import Any
 
@@ -49,7 +50,8 @@ def attach(model: torch.nn.Module) -> torch.nn.Module:
     register()
     previous = model.config._attn_implementation
     model.set_attn_implementation(ATTENTION_NAME)
-    handles = [
+    handles = [model.get_decoder().register_forward_pre_hook(_decoder_input_hook, with_kwargs=True)]
+    handles += [
         layer.register_forward_pre_hook(partial(_decoder_layer_input_hook, i), with_kwargs=True)
         for i, layer in enumerate(decoder_layers(model))
     ]
@@ -72,13 +74,22 @@ def is_attached(model: torch.nn.Module) -> bool:
     return model in _ATTACHED
 
 
+# The 2-D attention mask ([B, past + T], 1 = real token) of the decoder forward in flight.
+_KEY_PADDING: ContextVar[torch.Tensor | None] = ContextVar("butler_cache_key_padding", default=None)
+
+
+def _decoder_input_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    mask = kwargs.get("attention_mask")
+    _KEY_PADDING.set(mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None)
+
+
 def _decoder_layer_input_hook(layer_idx: int, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
     cache = kwargs.get("past_key_values")
     capture = CAPTURE.get()
     if not isinstance(cache, ButlerCache) and capture is None:
         return
     hidden_states = args[0] if args else kwargs["hidden_states"]  # [B, T, D]
-    inputs = LayerInput(hidden_states, kwargs.get("position_ids"), kwargs.get("attention_mask"))
+    inputs = LayerInput(hidden_states, kwargs.get("position_ids"), _KEY_PADDING.get())
     if isinstance(cache, ButlerCache):
         cache.on_layer_input(layer_idx, inputs)
     if capture is not None:

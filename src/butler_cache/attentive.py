@@ -18,7 +18,7 @@ from transformers.cache_utils import DynamicLayer
 
 from .config import ButlerConfig
 from .predictor import ButlerPredictor, Importance, LayerInput
-from .selection import key_validity
+from .selection import validity_from_padding
 
 
 def rotate(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
@@ -79,7 +79,7 @@ class AttentivePredictor(ButlerPredictor):
         q, k = rotate(q, positions, cfg.rope_theta), rotate(k, positions, cfg.rope_theta)
         if state is not None:
             k, v = state.update(k, v)  # [B, h, past + T, dh]
-        valid = key_validity(inputs.attention_mask, T, k.shape[2], x.device)  # [B|1, 1, T, L]
+        valid = validity_from_padding(inputs.key_padding, T, k.shape[2], x.device)  # [B|1, 1, T, L]
         valid = valid | ~valid.any(dim=-1, keepdim=True)  # padding queries: attend anywhere, stay finite
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=valid)  # [B, h, T, dh]
         h = h + self.out(a.transpose(1, 2).reshape(B, T, -1))

@@ -34,7 +34,7 @@ class LayerInput:
 
     hidden_states: torch.Tensor  # [B, T, D]
     position_ids: torch.Tensor | None = None  # [B or 1, T]
-    attention_mask: torch.Tensor | None = None  # the layer's mask [B or 1, 1, T, L] as transformers built it
+    key_padding: torch.Tensor | None = None  # [B, L] the model's 2-D attention mask over past + new tokens
 
 
 @dataclass

@@ -30,6 +30,14 @@ def key_validity(attention_mask: torch.Tensor | None, q_len: int, kv_len: int, d
     return valid[..., -q_len:, -kv_len:]
 
 
+def validity_from_padding(key_padding: torch.Tensor | None, q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
+    """Causal validity ``[B or 1, 1, q, L]`` from a 2-D padding mask ``[B, >= L]`` (1 = real token) or None."""
+    valid = key_validity(None, q_len, kv_len, device)
+    if key_padding is None:
+        return valid
+    return valid & key_padding[:, None, None, -kv_len:].bool()
+
+
 @dataclass
 class Selection:
     """Selected key positions per (batch, KV head, query row).
