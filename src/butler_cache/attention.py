@@ -122,7 +122,7 @@ def butler_attention_forward(
     """
     capture = CAPTURE.get()
     if capture is not None:
-        capture.record_attention(module.layer_idx, query, key)
+        capture.record_attention(module.layer_idx, query, key, scaling)
     layer = _take_active_layer(module, key)
     if layer is None or kwargs.get("sliding_window") or (dropout and module.training):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)

@@ -24,12 +24,14 @@ class AttentionCapture:
     layers: frozenset[int] | None = None
     queries: dict[int, torch.Tensor] = field(default_factory=dict)  # [B, HQ, T, D]
     keys: dict[int, torch.Tensor] = field(default_factory=dict)  # [B, H_kv, T, D]
+    scales: dict[int, float] = field(default_factory=dict)  # the softmax scale of each layer
     inputs: dict[int, LayerInput] = field(default_factory=dict)
 
-    def record_attention(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor) -> None:
+    def record_attention(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, scale: float | None) -> None:
         if self.layers is None or layer_idx in self.layers:
             self.queries[layer_idx] = query.detach()  # overwrite: gradient checkpointing may re-run a layer
             self.keys[layer_idx] = key.detach()
+            self.scales[layer_idx] = scale if scale is not None else query.shape[-1] ** -0.5
 
     def record_layer_input(self, layer_idx: int, inputs: LayerInput) -> None:
         self.inputs[layer_idx] = inputs

@@ -110,6 +110,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    import shlex
+
+    from .training.recipe import TrainRecipe, train_predictor
+
+    fields = {k: v for k, v in vars(args).items() if k in TrainRecipe.__dataclass_fields__}
+    command = " ".join(shlex.quote(a) for a in ["butler-cache", *sys.argv[1:]])
+    recipe = TrainRecipe(**fields, extra={"command": command})
+    predictor = train_predictor(recipe)
+    print(f"saved a {predictor.config.predictor_type} predictor ({predictor.num_parameters():,} parameters) to {args.output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="butler-cache", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -128,6 +141,31 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-chat-template", dest="chat_template", action="store_false")
     gen.add_argument("--compare-dense", action="store_true", help="also run dense attention and compare")
     gen.set_defaults(func=cmd_generate)
+
+    train = sub.add_parser("train", help="distil a predictor for a model with the transformers Trainer")
+    train.add_argument("--model", default="default", help="'default' (embedded SmolLM2-135M-Instruct), a folder or a Hub id")
+    train.add_argument("--data", nargs="+", required=True, help="text files, a saved `datasets` folder or a dataset id")
+    train.add_argument("--output", required=True, help="folder for the predictor (checkpoints go to OUTPUT/checkpoints)")
+    train.add_argument("--seq-len", type=int, default=512)
+    train.add_argument("--steps", type=int, default=300)
+    train.add_argument("--batch-size", type=int, default=1)
+    train.add_argument("--grad-accum", type=int, default=1)
+    train.add_argument("--learning-rate", type=float, default=2e-3)
+    train.add_argument("--loss", choices=["kl", "mse"], default="kl")
+    train.add_argument("--predictor-type", choices=["strided", "attentive"], default="strided")
+    train.add_argument("--layer-stride", type=int, default=4)
+    train.add_argument("--importance-dim", type=int, default=16)
+    train.add_argument("--intermediate-size", type=int, default=128)
+    train.add_argument("--attentive-hidden-size", type=int, default=128)
+    train.add_argument("--attentive-num-heads", type=int, default=4)
+    train.add_argument("--block-size", type=int, default=128, help="query rows per block of the streamed loss")
+    train.add_argument("--max-chunks", type=int, default=None, help="use at most this many training chunks")
+    train.add_argument("--save-steps", type=int, default=100)
+    train.add_argument("--logging-steps", type=int, default=10)
+    train.add_argument("--max-minutes", type=float, default=None, help="stop cleanly after this long")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--resume", action="store_true", help="resume from the last checkpoint in OUTPUT/checkpoints")
+    train.set_defaults(func=cmd_train)
     return parser
 
 

@@ -1,0 +1,1 @@
+"""Distillation of TokenButler predictors from a frozen model."""

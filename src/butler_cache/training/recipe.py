@@ -1,0 +1,106 @@
+"""`train_predictor`: the whole distillation recipe behind ``butler-cache train``."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..config import ButlerConfig
+from ..predictor import ButlerPredictor
+from .data import TokenChunks
+from .module import DistillationModel
+
+
+@dataclass
+class TrainRecipe:
+    """Everything ``butler-cache train`` accepts; recorded in the trained predictor's config."""
+
+    data: list[str]
+    output: str
+    model: str = "default"
+    seq_len: int = 512
+    steps: int = 300
+    batch_size: int = 1
+    grad_accum: int = 1
+    learning_rate: float = 2e-3
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.05
+    loss: str = "kl"
+    predictor_type: str = "strided"
+    layer_stride: int = 4
+    importance_dim: int = 16
+    intermediate_size: int = 128
+    attentive_hidden_size: int = 128
+    attentive_num_heads: int = 4
+    block_size: int = 128
+    max_chunks: int | None = None
+    save_steps: int = 100
+    logging_steps: int = 10
+    seed: int = 0
+    resume: bool = False
+    max_minutes: float | None = None
+    extra: dict = field(default_factory=dict)
+
+    def predictor_config(self, model) -> ButlerConfig:
+        return ButlerConfig.for_model(
+            model, predictor_type=self.predictor_type, layer_stride=self.layer_stride,
+            importance_dim=self.importance_dim, intermediate_size=self.intermediate_size,
+            attentive_hidden_size=self.attentive_hidden_size, attentive_num_heads=self.attentive_num_heads,
+        )
+
+
+def train_predictor(recipe: TrainRecipe, model=None, tokenizer=None) -> ButlerPredictor:
+    """Distil a predictor for ``model`` (loaded from ``recipe.model`` when not given) and save it to ``recipe.output``."""
+    from transformers import Trainer, TrainingArguments
+
+    from butler_cache.integrations import ButlerDistillationCallback
+
+    from ..default_model import load_model
+
+    if model is None:
+        model, tokenizer = load_model(recipe.model)
+    torch.manual_seed(recipe.seed)
+    predictor = ButlerPredictor(recipe.predictor_config(model))
+    chunks = TokenChunks.from_source(recipe.data, tokenizer, recipe.seq_len, max_chunks=recipe.max_chunks)
+    distil = DistillationModel(model, predictor, loss=recipe.loss, block_size=recipe.block_size)
+    output = Path(recipe.output)
+    args = TrainingArguments(
+        output_dir=str(output / "checkpoints"),
+        max_steps=recipe.steps,
+        per_device_train_batch_size=recipe.batch_size,
+        gradient_accumulation_steps=recipe.grad_accum,
+        learning_rate=recipe.learning_rate,
+        weight_decay=recipe.weight_decay,
+        warmup_steps=int(recipe.warmup_ratio * recipe.steps),
+        lr_scheduler_type="cosine",
+        logging_steps=recipe.logging_steps,
+        save_steps=recipe.save_steps,
+        save_total_limit=2,
+        seed=recipe.seed,
+        report_to=[],
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=False,
+    )
+    trainer = Trainer(model=distil, args=args, train_dataset=chunks,
+                      callbacks=[ButlerDistillationCallback(max_minutes=recipe.max_minutes)])
+    start = time.monotonic()
+    result = trainer.train(resume_from_checkpoint=True if recipe.resume else None)
+    seconds = time.monotonic() - start
+    if trainer.is_world_process_zero():
+        history = [h for h in trainer.state.log_history if "loss" in h]
+        predictor.config.training = {
+            **{k: v for k, v in asdict(recipe).items() if k not in ("output", "resume", "extra")},
+            **recipe.extra,
+            "steps_done": trainer.state.global_step,
+            "train_seconds": round(seconds, 1),
+            "train_chunks": len(chunks),
+            "final_loss": history[-1]["loss"] if history else result.training_loss,
+            "final_metrics": {k: v for k, v in (history[-1] if history else {}).items() if k.startswith(("token_hits", "recall@"))},
+        }
+        predictor.save_pretrained(output)
+    return predictor
