@@ -6,8 +6,10 @@
 
 The loss lives in `DistillationModel` (its forward returns ``{"loss": ...}``); the callback freezes
 the base model, saves the predictor (never the LLM) at every checkpoint with ``save_pretrained``,
-adds token-hit accuracy and recall@k to the logs, and stops cleanly on a non-finite loss or when
-a time budget runs out.
+adds token-hit accuracy and recall@k (last query row, per KV head, this process's batches) to the
+logs and ``state.log_history``, and stops cleanly on a non-finite loss or when a time budget runs
+out. Callbacks run in order: put this one first (as ``butler-cache train`` does) for the progress
+bar to print its metrics too.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ class ButlerDistillationCallback(TrainerCallback):
         if state.log_history:
             state.log_history[-1].update(metrics)
         if metrics and state.is_world_process_zero:
-            logger.warning(f"step {state.global_step}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+            logger.info(f"step {state.global_step}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
 
     def on_step_end(self, args, state: TrainerState, control: TrainerControl, **kw):
         last = state.log_history[-1].get("loss") if state.log_history else None

@@ -88,6 +88,8 @@ def train_predictor(recipe: TrainRecipe, model=None, tokenizer=None) -> ButlerPr
     )
     trainer = Trainer(model=distil, args=args, train_dataset=chunks,
                       callbacks=[ButlerDistillationCallback(max_minutes=recipe.max_minutes)])
+    # our on_log adds metrics to the logs: run it before the progress bar prints them
+    trainer.callback_handler.callbacks.sort(key=lambda cb: not isinstance(cb, ButlerDistillationCallback))
     start = time.monotonic()
     result = trainer.train(resume_from_checkpoint=True if recipe.resume else None)
     seconds = time.monotonic() - start
