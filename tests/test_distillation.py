@@ -118,12 +118,16 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
     accelerate = shutil.which("accelerate") or str(Path(sys.executable).with_name("accelerate"))
     subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "one"), "--per-device-batch", "2"],
                    check=True, env=env, capture_output=True)
-    subprocess.run([accelerate, "launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-                    "--dynamo_backend", "no", str(SCRIPT), str(tmp_path / "two"), "--per-device-batch", "1"],
-                   check=True, env=env, capture_output=True)
+    # `--multi_gpu` makes accelerate start torchrun's processes; `use_cpu=True` in the script then runs
+    # them as a MULTI_CPU (gloo) group. (`--cpu` would start a single process.)
+    subprocess.run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                    "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT), str(tmp_path / "two"),
+                    "--per-device-batch", "1"], check=True, env=env, capture_output=True)
+    state = (tmp_path / "two" / "checkpoint-4" / "trainer_state.json").read_text()
+    assert '"epoch": 0.5' in state  # 4 steps x 2 processes x 1 sample = half of the 16 samples
     one = ButlerPredictor.from_pretrained(tmp_path / "one" / "checkpoint-4" / PREDICTOR_SUBDIR)
     two = ButlerPredictor.from_pretrained(tmp_path / "two" / "checkpoint-4" / PREDICTOR_SUBDIR)
-    _, initial, _ = None, tiny_setup()[1], None
+    initial = tiny_setup()[1]
     moved = (one.key_projections - initial.key_projections).abs().max()
     assert moved > 1e-3  # training did something
     for (name, a), (_, b) in zip(one.state_dict().items(), two.state_dict().items(), strict=True):

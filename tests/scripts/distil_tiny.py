@@ -1,7 +1,7 @@
 """Distil a predictor for a tiny random Llama on synthetic tokens; run alone or under `accelerate launch`.
 
     python distil_tiny.py OUT --per-device-batch 2
-    accelerate launch --cpu --num_processes 2 distil_tiny.py OUT --per-device-batch 1
+    accelerate launch --multi_gpu --num_processes 2 distil_tiny.py OUT --per-device-batch 1   # CPU processes (gloo)
 """
 
 from __future__ import annotations
