@@ -62,7 +62,7 @@ def test_cli_butler_policy_needs_a_predictor(monkeypatch, capsys):
     import butler_cache.default_model as default_model
 
     monkeypatch.setattr(default_model, "load_model", lambda name: (_ for _ in ()).throw(AssertionError("not loaded")))
-    assert cli.main(["generate", "--prompt", "x", "--policy", "butler"]) == 2
+    assert cli.main(["generate", "--prompt", "x", "--policy", "butler", "--model", "some/other-model"]) == 2
     assert "--policy butler needs --predictor" in capsys.readouterr().err
 
 

@@ -13,6 +13,7 @@ from .budget import TokenBudget
 from .cache import ButlerCache, ButlerLayer, SparseAttentionSettings, StepStats
 from .capture import AttentionCapture, capture_attention
 from .config import ButlerConfig
+from .default_model import default_predictor_path, load_default_model
 from .policies import POLICIES, SelectionPolicy, make_policy
 from .predictor import ButlerPredictor
 from .strided import StridedPredictor
@@ -37,7 +38,9 @@ __all__ = [
     "attach",
     "butler_attention_forward",
     "capture_attention",
+    "default_predictor_path",
     "detach",
     "is_attached",
+    "load_default_model",
     "make_policy",
 ]

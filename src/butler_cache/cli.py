@@ -68,11 +68,18 @@ def _describe_steps(stats: list[StepStats], width: int = 8) -> list[str]:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .default_model import load_model
+    from .default_model import DEFAULT_PREDICTOR_DIR, load_model
 
+    is_default_model = args.model in (None, "default")
+    shipped = is_default_model and (DEFAULT_PREDICTOR_DIR / "butler_predictor.safetensors").is_file()
+    if args.policy is None:
+        args.policy = "butler" if (args.predictor or shipped) else "oracle"
     if args.policy == "butler" and not args.predictor:
-        print("error: --policy butler needs --predictor PATH_OR_HUB_ID (no predictor ships yet)", file=sys.stderr)
-        return 2
+        if not shipped:
+            print("error: --policy butler needs --predictor PATH_OR_HUB_ID (a predictor ships only for the default "
+                  "model)", file=sys.stderr)
+            return 2
+        args.predictor = str(DEFAULT_PREDICTOR_DIR)
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(args.model)
     if args.chat_template and tokenizer.chat_template:
@@ -129,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate through a ButlerCache and report what the cache did")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--model", default="default", help="'default' (embedded SmolLM2-135M-Instruct), a folder or a Hub id")
-    gen.add_argument("--policy", default="oracle", choices=sorted(POLICIES))
+    gen.add_argument("--policy", default=None, choices=sorted(POLICIES),
+                     help="default: butler with the shipped predictor on the default model, else oracle")
     gen.add_argument("--predictor", default=None, help="predictor folder or Hub id (for --policy butler)")
     gen.add_argument("--token-budget", type=int, default=64, help="tokens attended per KV head (default 64)")
     gen.add_argument("--budget-ratio", type=float, default=None, help="fraction of the context instead of a count")

@@ -30,6 +30,16 @@ def default_model_dir() -> Path:
     return directory
 
 
+DEFAULT_PREDICTOR_DIR = Path(__file__).parent / "predictors" / "smollm2-135m-instruct"
+
+
+def default_predictor_path() -> Path:
+    """Folder of the trained predictor shipped for the embedded SmolLM2-135M-Instruct."""
+    if not (DEFAULT_PREDICTOR_DIR / "butler_predictor.safetensors").is_file():
+        raise FileNotFoundError(f"no shipped predictor at {DEFAULT_PREDICTOR_DIR}; reinstall butler-cache")
+    return DEFAULT_PREDICTOR_DIR
+
+
 def load_default_model(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
     """``(model, tokenizer)`` of SmolLM2-135M-Instruct, dequantised from the embedded GGUF file."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

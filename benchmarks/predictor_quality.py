@@ -1,0 +1,94 @@
+"""Quality of trained predictors on wikitext-2 test: token-hit accuracy, recall@k, teacher-forced perplexity.
+
+    python benchmarks/predictor_quality.py --predictors default /tmp/runs/* --chunks 8 --json out.json
+
+Every predictor is compared, on the same chunks, with dense attention and the per-KV-head oracle.
+Prints a markdown table (paste it into benchmarks/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from butler_cache import ButlerPredictor, default_predictor_path
+from butler_cache.default_model import load_default_model
+from butler_cache.evaluation import predictor_hits, sparse_perplexity
+from butler_cache.training.data import TokenChunks
+
+DEFAULT_TEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2" / "test.txt"
+
+
+def evenly_spaced(chunks: TokenChunks, n: int) -> TokenChunks:
+    idx = torch.linspace(0, len(chunks) - 1, steps=min(n, len(chunks))).round().long()
+    return TokenChunks(chunks.input_ids[idx])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--predictors", nargs="+", default=["default"], help="predictor folders ('default' = shipped)")
+    parser.add_argument("--text-file", default=str(DEFAULT_TEXT))
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--chunks", type=int, default=8, help="evenly spaced chunks used for perplexity")
+    parser.add_argument("--hit-chunks", type=int, default=16, help="evenly spaced chunks used for token hits")
+    parser.add_argument("--sparsity", type=float, default=0.5)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    model, tokenizer = load_default_model()
+    all_chunks = TokenChunks.from_source(args.text_file, tokenizer, args.seq_len)
+    ppl_chunks, hit_chunks = evenly_spaced(all_chunks, args.chunks), evenly_spaced(all_chunks, args.hit_chunks)
+    print(f"{len(all_chunks)} chunks of {args.seq_len} tokens; perplexity on {len(ppl_chunks)}, hits on {len(hit_chunks)}")
+
+    rows = []
+    dense = sparse_perplexity(model, ppl_chunks, policy="oracle", sparsity=0.0)
+    oracle = sparse_perplexity(model, ppl_chunks, policy="oracle", sparsity=args.sparsity)
+    rows.append({"name": "dense", "perplexity": dense})
+    rows.append({"name": "oracle (per KV head)", "perplexity": oracle})
+    for spec in args.predictors:
+        folder = default_predictor_path() if spec == "default" else Path(spec)
+        predictor = ButlerPredictor.from_pretrained(folder)
+        start = time.monotonic()
+        hits = predictor_hits(model, predictor, hit_chunks)
+        ppl = sparse_perplexity(model, ppl_chunks, policy="butler", sparsity=args.sparsity, predictor=predictor)
+        training = predictor.config.training
+        rows.append({
+            "name": spec if spec != "default" else "default (shipped)",
+            "predictor_type": predictor.config.predictor_type,
+            "loss": training.get("loss"),
+            "steps": training.get("steps_done"),
+            "seq_len": training.get("seq_len"),
+            "parameters": predictor.num_parameters(),
+            "share_of_model": predictor.num_parameters() / sum(p.numel() for p in model.parameters()),
+            "perplexity": ppl,
+            "vs_oracle": ppl / oracle - 1.0,
+            **hits,
+            "eval_seconds": time.monotonic() - start,
+        })
+        print(json.dumps(rows[-1]))
+
+    print()
+    print(f"| predictor | type | loss | steps x seq | params | token hits (KV head / query head) | "
+          f"recall@64 | recall@128 | recall@256 | ppl @ {args.sparsity:.0%} | vs oracle |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "predictor_type" not in r:
+            print(f"| {r['name']} | | | | | | | | | {r['perplexity']:.2f} | |")
+            continue
+        print(f"| {r['name']} | {r['predictor_type']} | {r['loss']} | {r['steps']} x {r['seq_len']} | "
+              f"{r['parameters'] / 1e6:.2f}M ({r['share_of_model']:.2%}) | "
+              f"{r['per_kv_head/token_hits']:.3f} / {r['per_query_head/token_hits']:.3f} | "
+              f"{r['per_kv_head/recall@64']:.3f} | {r['per_kv_head/recall@128']:.3f} | {r['per_kv_head/recall@256']:.3f} | "
+              f"{r['perplexity']:.2f} | {r['vs_oracle']:+.1%} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"sparsity": args.sparsity, "chunks": len(ppl_chunks),
+                                               "hit_chunks": len(hit_chunks), "results": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
