@@ -32,7 +32,7 @@ def cases(draw):
     length = draw(st.integers(1, 24))
     pads = [draw(st.integers(0, max(0, length - 1))) for _ in range(batch)]
     pads[0] = 0
-    policy = draw(st.sampled_from(["butler", "attentive", "oracle"]))
+    policy = draw(st.sampled_from(["butler", "attentive", "oracle", "streaming", "random", "quest", "h2o", "snapkv"]))
     budget = draw(
         st.one_of(
             st.builds(lambda extra: {"token_budget": 64 + extra}, st.integers(0, 64)),

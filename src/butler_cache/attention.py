@@ -129,15 +129,21 @@ def butler_attention_forward(
     settings = layer.settings
     q_len, kv_len = query.shape[2], key.shape[2]
     dense = settings.budget.covers(kv_len) or (q_len > 1 and not settings.sparse_prefill)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    policy = settings.policy
     if dense:
         if layer.stats is not None:
             layer.stats.record(q_len, kv_len, None)
+        if policy.stateful:  # e.g. H2O accumulates the attention of dense (prefill) forwards too
+            valid = key_validity(attention_mask, q_len, kv_len, key.device)
+            policy.observe(ScoringInputs(query=query, key=key, valid=valid, scaling=scale, layer=layer), None)
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     valid = key_validity(attention_mask, q_len, kv_len, key.device)  # [B|1, 1, T, L]
-    scores = settings.policy.score(ScoringInputs(query=query, key=key, valid=valid, scaling=scale, layer=layer))
-    selection = select_tokens(scores, valid, settings.budget)  # [B, H_kv, T, K]
+    inputs = ScoringInputs(query=query, key=key, valid=valid, scaling=scale, layer=layer)
+    selection = select_tokens(policy.score(inputs), valid, settings.budget)  # [B, H_kv, T, K]
+    if policy.stateful:
+        policy.observe(inputs, selection)
     layer.importance_queries = None
     if layer.stats is not None:
         layer.stats.record(q_len, kv_len, selection.attended())

@@ -82,7 +82,20 @@ class ButlerLayer(DynamicLayer):
         self.predictor = predictor
         self.importance_keys: torch.Tensor | None = None  # [B, H_k, L, d'], one row per cached token
         self.importance_queries: torch.Tensor | None = None  # [B, HQ, T, d'] of the forward in flight
+        # per-token state of stateful policies (H2O's accumulated attention, ...), each [B, H_kv, L, 1]
+        self.policy_state: dict[str, torch.Tensor] = {}
         self.stats: _StatsRecorder | None = None
+
+    def token_state(self, name: str, length: int, fill: float = 0.0) -> torch.Tensor:
+        """Policy state ``name`` ``[B, H_kv, length, 1]`` (float32), new tokens' rows set to ``fill``."""
+        state = self.policy_state.get(name)
+        B, H = self.keys.shape[:2]
+        if state is None:
+            state = self.keys.new_full((B, H, 0, 1), fill, dtype=torch.float32)
+        if state.shape[2] < length:
+            state = torch.cat([state, state.new_full((B, H, length - state.shape[2], 1), fill)], dim=2)
+        self.policy_state[name] = state
+        return state
 
     def __repr__(self) -> str:
         return f"ButlerLayer(layer_idx={self.layer_idx}, predictor={self.predictor is not None})"
@@ -106,12 +119,14 @@ class ButlerLayer(DynamicLayer):
     def _map_state(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         if self.importance_keys is not None and self.importance_keys.numel() > 0:
             self.importance_keys = fn(self.importance_keys)
+        self.policy_state = {name: fn(t) for name, t in self.policy_state.items() if t.numel() > 0}
         self.importance_queries = None
 
     def reset(self) -> None:
         super().reset()
         self.importance_keys = None
         self.importance_queries = None
+        self.policy_state = {}
 
     def crop(self, tokens_to_remove: int) -> None:
         super().crop(tokens_to_remove)

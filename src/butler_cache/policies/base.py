@@ -9,6 +9,7 @@ import torch
 
 if TYPE_CHECKING:
     from ..cache import ButlerLayer
+    from ..selection import Selection
 
 POLICIES: dict[str, type[SelectionPolicy]] = {}
 
@@ -38,6 +39,7 @@ class SelectionPolicy:
 
     name: ClassVar[str] = ""
     requires_predictor: ClassVar[bool] = False
+    stateful: ClassVar[bool] = False  # True: `observe` is called after every forward of a sparse layer
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
@@ -46,6 +48,12 @@ class SelectionPolicy:
 
     def score(self, inputs: ScoringInputs) -> torch.Tensor:
         raise NotImplementedError
+
+    def observe(self, inputs: ScoringInputs, selection: Selection | None) -> None:
+        """Stateful policies: update per-token state (``inputs.layer.token_state``) after a forward.
+
+        ``selection`` is None when the forward ran dense (the budget covered the context, or prefill).
+        """
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -61,6 +69,24 @@ def group_max_probabilities(logits: torch.Tensor, valid: torch.Tensor, num_key_v
     B, HQ, T, L = logits.shape
     probs = torch.softmax(upcast(logits).masked_fill(~valid, float("-inf")), dim=-1).nan_to_num(0.0)
     return probs.view(B, num_key_value_heads, HQ // num_key_value_heads, T, L).amax(dim=2)
+
+
+def true_probabilities(inputs: ScoringInputs, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The current queries' attention probabilities per query head, ``[B, HQ, T, L]``, over ``mask``
+    (``[B|1, H_kv|1, T, L]`` bool, default: the valid keys)."""
+    q, k = inputs.query, inputs.key
+    B, HQ, T, D = q.shape
+    H = k.shape[1]
+    logits = torch.einsum("bhgtd,bhld->bhgtl", upcast(q.view(B, H, HQ // H, T, D)), upcast(k)) * inputs.scaling
+    mask = inputs.valid if mask is None else mask
+    logits = logits.masked_fill(~mask[:, :, None], float("-inf"))  # [B, H, G, T, L]
+    return torch.softmax(logits, dim=-1).nan_to_num(0.0).reshape(B, HQ, T, -1)
+
+
+def group_sum(probs: torch.Tensor, num_key_value_heads: int) -> torch.Tensor:
+    """``[B, HQ, T, L]`` -> ``[B, H_kv, T, L]``: summed over the query heads of each GQA group."""
+    B, HQ, T, L = probs.shape
+    return probs.view(B, num_key_value_heads, HQ // num_key_value_heads, T, L).sum(dim=2)
 
 
 def upcast(tensor: torch.Tensor) -> torch.Tensor:
