@@ -8,7 +8,14 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from butler_cache import ButlerCache, ButlerLayer, SparseAttentionSettings, TokenBudget
-from butler_cache.policies import H2OPolicy, QuestPolicy, RandomPolicy, ScoringInputs, SnapKVPolicy, make_policy
+from butler_cache.policies import (
+    H2OPolicy,
+    QuestPolicy,
+    RandomPolicy,
+    ScoringInputs,
+    SnapKVPolicy,
+    make_policy,
+)
 from butler_cache.selection import key_validity, select_tokens
 
 from .conftest import random_batch, tiny_model

@@ -87,3 +87,15 @@ def test_train_command_writes_a_loadable_predictor(tmp_path):
                      str(out), "--seq-len", "32", "--steps", "4", "--layer-stride", "2", "--importance-dim", "8",
                      "--intermediate-size", "16", "--resume"])
     assert code == 0 and ButlerPredictor.from_pretrained(out).config.training["steps_done"] == 4
+
+
+def test_policy_hits_of_the_oracle_are_perfect_and_baselines_are_not():
+    from butler_cache.evaluation import policy_hits
+
+    model = tiny_model("llama", seed=1)
+    chunks = TokenChunks(torch.randint(2, 99, (2, 40), generator=torch.Generator().manual_seed(0)))
+    oracle = policy_hits(model, chunks, "oracle", budgets=(8,), progress=False)
+    assert oracle == {"per_kv_head/token_hits": 1.0, "per_kv_head/recall@8": 1.0}
+    for policy in ("streaming", "quest", "h2o", "snapkv", "random"):
+        hits = policy_hits(model, chunks, policy, budgets=(8,), progress=False)
+        assert 0.0 <= hits["per_kv_head/recall@8"] < 1.0, policy
