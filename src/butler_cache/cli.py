@@ -174,6 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--resume", action="store_true", help="resume from the last checkpoint in OUTPUT/checkpoints")
     train.set_defaults(func=cmd_train)
+
+    from .evaluation.commands import add_eval_parser
+
+    add_eval_parser(sub)
     return parser
 
 

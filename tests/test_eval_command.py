@@ -1,0 +1,74 @@
+"""`butler-cache eval` end to end on a tiny model, and the task generators' determinism."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from butler_cache import cli
+from butler_cache.evaluation.coref import make_coref_examples
+from butler_cache.evaluation.longctx import TASKS, make_longctx_examples
+
+from .conftest import tiny_model
+from .test_evaluation import _word_tokenizer
+
+WORDS = ("the grass is green sky blue sun yellow here we go there and back again pass key what remember it one of "
+         "special magic numbers for number which variables are assigned value answer variable var").split()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny")
+    tiny_model("llama", seed=0).save_pretrained(folder)
+    _word_tokenizer(WORDS + [str(d) for d in range(10)]).save_pretrained(folder)
+    (folder / "text.txt").write_text(" ".join(WORDS * 40))
+    return folder
+
+
+def _run(model_dir, tmp_path, *args):
+    out = tmp_path / "out.json"
+    assert cli.main(["eval", *args, "--model", str(model_dir), "--json", str(out), "--plot", str(tmp_path / "p.png")]) == 0
+    assert (tmp_path / "p.png").stat().st_size > 1000
+    return json.loads(out.read_text())
+
+
+def test_eval_perplexity(model_dir, tmp_path):
+    report = _run(model_dir, tmp_path, "perplexity", "--policies", "dense,oracle,h2o,streaming", "--sparsity", "0.5,0.8",
+                  "--text-file", str(model_dir / "text.txt"), "--seq-len", "64", "--max-tokens", "128")
+    rows = report["results"]
+    assert len(rows) == 8 and set(rows[0]) == {"policy", "sparsity", "perplexity", "chunks"}
+    dense = {r["perplexity"] for r in rows if r["policy"] == "dense"}
+    assert len(dense) == 1  # dense ignores the sparsity
+
+
+def test_eval_hits_and_coref(model_dir, tmp_path):
+    rows = _run(model_dir, tmp_path, "hits", "--policies", "oracle,quest", "--token-budget", "8,16",
+                "--text-file", str(model_dir / "text.txt"), "--seq-len", "64", "--max-tokens", "64")["results"]
+    assert [r["recall"] for r in rows if r["policy"] == "oracle"] == [1.0, 1.0]
+    rows = _run(model_dir, tmp_path, "coref", "--policies", "dense,oracle", "--examples", "3")["results"]
+    assert {"name_token_error", "examples_with_miss", "exact_match"} <= set(rows[0])
+
+
+def test_eval_longctx(model_dir, tmp_path):
+    rows = _run(model_dir, tmp_path, "longctx", "--policies", "oracle,snapkv", "--examples", "2", "--lengths", "64",
+                "--token-budget", "24", "--tasks", "passkey")["results"]
+    assert len(rows) == 2 and all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
+
+
+def test_generators_are_deterministic_and_varied(model_dir):
+    a, b = make_coref_examples(200, seed=1), make_coref_examples(200, seed=1)
+    assert a == b and len({ex.answer for ex in a}) == 200 and len({ex.context for ex in a}) == 200
+    assert make_coref_examples(5, seed=2) != a[:5]
+    for ex in a[:20]:
+        assert ex.answer in ex.context.split("Question:")[0] and ex.answer not in ex.context.split("Question:")[1]
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    for task in TASKS:
+        first = make_longctx_examples(tokenizer, task, 300, 3, seed=5)
+        assert first == make_longctx_examples(tokenizer, task, 300, 3, seed=5)
+        assert len({ex.prompt for ex in first}) == 3
+        n_tokens = len(tokenizer(first[0].prompt)["input_ids"])
+        assert 200 <= n_tokens <= 340, (task, n_tokens)
+        assert all(answer in first[0].prompt for answer in first[0].answers)
