@@ -1,29 +1,29 @@
 """Compute kernels of butler_cache, each beside its plain PyTorch reference.
 
-``backend`` everywhere means: ``"torch"`` the references (CPU and GPU), ``"triton"`` the Triton
-kernels, ``"auto"`` Triton on CUDA tensors and PyTorch otherwise. The Triton kernels land with the
-"Triton kernels" issue; until then ``"auto"`` resolves to ``"torch"`` and ``"triton"`` is refused
-with an error rather than silently falling back.
+``backend`` everywhere means: ``"torch"`` the references (any device), ``"triton"`` the Triton
+kernels (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``, which is how CI tests them),
+``"auto"`` Triton on CUDA tensors when Triton is installed and PyTorch otherwise.
 """
 
 from __future__ import annotations
+
+import importlib.util
+import os
 
 import torch
 
 from .sparse_attention import sparse_attention_naive
 
 BACKENDS = ("auto", "torch", "triton")
-TRITON_KERNELS_AVAILABLE = False
+TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
 
 
 def check_backend(backend: str) -> str:
     """Validate a ``backend`` argument and return it."""
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not known; expected one of {BACKENDS}")
-    if backend == "triton" and not TRITON_KERNELS_AVAILABLE:
-        raise NotImplementedError(
-            "backend='triton': the Triton kernels are not part of this release yet; use backend='torch' or 'auto'"
-        )
+    if backend == "triton" and not TRITON_AVAILABLE:
+        raise ValueError("backend='triton' needs the triton package (pip install triton, Linux only)")
     return backend
 
 
@@ -31,7 +31,12 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     """The concrete backend (``"torch"`` or ``"triton"``) for tensors on ``device``."""
     check_backend(backend)
     if backend == "auto":
-        return "triton" if TRITON_KERNELS_AVAILABLE and device.type == "cuda" else "torch"
+        return "triton" if TRITON_AVAILABLE and device.type == "cuda" else "torch"
+    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"backend='triton' with {device.type} tensors needs the Triton interpreter: set TRITON_INTERPRET=1 "
+            "before importing triton (or use backend='torch')"
+        )
     return backend
 
 
@@ -44,8 +49,14 @@ def sparse_attention(
     scale: float,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Gathered sparse attention; see `sparse_attention_naive` for shapes. Returns ``[B, T, HQ, V]``."""
-    resolve_backend(backend, query.device)
+    """Gathered sparse attention; see `sparse_attention_naive` for shapes. Returns ``[B, T, HQ, V]``.
+
+    The Triton path serves one query row (decoding); several rows use the reference.
+    """
+    if resolve_backend(backend, query.device) == "triton" and query.shape[2] == 1:
+        from .sparse_attention.decode import sparse_decode_attention
+
+        return sparse_decode_attention(query, key, value, indices, keep, scale)
     return sparse_attention_naive(query, key, value, indices, keep, scale)
 
 
