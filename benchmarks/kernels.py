@@ -117,7 +117,7 @@ def end_to_end(device, dtype, batch, context, new_tokens, fraction, small: bool)
     ids = torch.randint(0, config.vocab_size, (batch, context), device=device)
     out = {}
     for name in ("dense", "butler"):
-        def fresh_cache():
+        def fresh_cache(name=name):
             return None if name == "dense" else ButlerCache(model, predictor, token_budget=context // fraction)
 
         with torch.no_grad():
