@@ -59,10 +59,13 @@ def test_predictor_hits_ranges():
 
 
 def _word_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
-    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(sorted(set(words)))}}
+    """A word-level tokenizer over ``words`` (ids below the tiny models' vocabulary of 99)."""
+    specials = ["[UNK]", "[BOS]", "[EOS]"]
+    vocab = {w: i for i, w in enumerate(specials + sorted(set(words) - set(specials)))}
+    assert len(vocab) <= 99
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", bos_token="[BOS]", eos_token="[EOS]")
 
 
 def test_train_command_writes_a_loadable_predictor(tmp_path):
