@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels import resolve_backend
 from .base import ScoringInputs, SelectionPolicy, group_max_probabilities
 
 
@@ -32,5 +33,10 @@ class ButlerPolicy(SelectionPolicy):
                 f"layer {layer.layer_idx}: predictor state out of sync with the cache (importance queries for "
                 f"{queries.shape[2]} rows vs {T}; importance keys for {None if keys is None else keys.shape[2]} tokens vs {L})"
             )
+        if T == 1 and inputs.valid.shape[0] == 1 and resolve_backend(layer.settings.backend, keys.device) == "triton":
+            # one decode row, no padding: the fused kernel ranks in one pass over the importance keys
+            from ..kernels.scoring.decode import score_decode
+
+            return score_decode(queries, keys, layer.predictor.config.score_scale)  # log of the same scores
         logits = layer.predictor.score_logits(queries, keys)  # [B, HQ, T, L]
         return group_max_probabilities(logits, inputs.valid, inputs.num_key_value_heads)

@@ -1,0 +1,5 @@
+"""Token scoring for selection: `score_reference` (PyTorch) and, in `decode.py`, its Triton kernel."""
+
+from .reference import score_reference
+
+__all__ = ["score_reference"]
