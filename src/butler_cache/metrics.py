@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 
@@ -49,6 +47,3 @@ def recall_at_k(true_scores: torch.Tensor, predicted_scores: torch.Tensor, valid
     """Share of the true top-``k`` keys among the predicted top-``k`` (``k`` capped by the context)."""
     return topk_overlap(true_scores, predicted_scores, valid, k=k)
 
-
-def ceil_fraction(n: int, fraction: float) -> int:
-    return math.ceil(n * fraction - 1e-9)

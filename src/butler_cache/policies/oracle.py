@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import ScoringInputs, SelectionPolicy, group_max_probabilities, upcast
+from .base import ScoringInputs, SelectionPolicy, true_probabilities
 
 
 class OraclePolicy(SelectionPolicy):
@@ -17,9 +17,7 @@ class OraclePolicy(SelectionPolicy):
     name = "oracle"
 
     def score(self, inputs: ScoringInputs) -> torch.Tensor:
-        q, k = inputs.query, inputs.key
-        B, HQ, T, D = q.shape
+        probs = true_probabilities(inputs)  # [B, HQ, T, L]
+        B, HQ, T, L = probs.shape
         H = inputs.num_key_value_heads
-        logits = torch.einsum("bhgtd,bhld->bhgtl", upcast(q.view(B, H, HQ // H, T, D)), upcast(k))
-        logits = logits.reshape(B, HQ, T, -1) * inputs.scaling
-        return group_max_probabilities(logits, inputs.valid, H)
+        return probs.view(B, H, HQ // H, T, L).amax(dim=2)
