@@ -25,7 +25,7 @@ from .capture import CAPTURE
 from .kernels import sparse_attention
 from .policies import ScoringInputs
 from .predictor import LayerInput
-from .selection import key_validity, select_tokens
+from .selection import key_validity, select_tokens, with_neighbors
 
 # No "/", "sdpa", "flash" or "flex" in the name: transformers gives those special handling.
 ATTENTION_NAME = "butler_cache"
@@ -141,7 +141,13 @@ def butler_attention_forward(
 
     valid = key_validity(attention_mask, q_len, kv_len, key.device)  # [B|1, 1, T, L]
     inputs = ScoringInputs(query=query, key=key, valid=valid, scaling=scale, layer=layer)
-    selection = select_tokens(policy.score(inputs), valid, settings.budget)  # [B, H_kv, T, K]
+    if q_len == 1:
+        scores = layer.decode_scores(lambda: policy.score(inputs), kv_len)
+    else:
+        scores = policy.score(inputs)
+    selection = select_tokens(scores, valid, settings.budget)  # [B, H_kv, T, K]
+    if settings.neighbor_fetch:
+        selection = with_neighbors(selection, valid, kv_len)
     if policy.stateful:
         policy.observe(inputs, selection)
     layer.importance_queries = None

@@ -38,6 +38,12 @@ class SparseAttentionSettings:
     backend: str = "auto"
     sparse_prefill: bool = False
     record_stats: bool = False
+    prediction_interval: int = 1
+    neighbor_fetch: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.prediction_interval, int) or self.prediction_interval < 1:
+            raise ValueError(f"prediction_interval={self.prediction_interval!r} must be an integer >= 1")
 
 
 @dataclass
@@ -84,6 +90,9 @@ class ButlerLayer(DynamicLayer):
         self.importance_queries: torch.Tensor | None = None  # [B, HQ, T, d'] of the forward in flight
         # per-token state of stateful policies (H2O's accumulated attention, ...), each [B, H_kv, L, 1]
         self.policy_state: dict[str, torch.Tensor] = {}
+        # decode scores of the last prediction and the decode steps they have served (prediction_interval)
+        self.last_scores: torch.Tensor | None = None  # [B, H_kv, 1, L_then]
+        self.last_scores_age = 0
         self.stats: _StatsRecorder | None = None
 
     def token_state(self, name: str, length: int, fill: float = 0.0) -> torch.Tensor:
@@ -96,6 +105,23 @@ class ButlerLayer(DynamicLayer):
             state = torch.cat([state, state.new_full((B, H, length - state.shape[2], 1), fill)], dim=2)
         self.policy_state[name] = state
         return state
+
+    def reuses_scores(self) -> bool:
+        """Whether the next decode step reuses the last prediction (``prediction_interval`` > 1)."""
+        return self.last_scores is not None and self.last_scores_age + 1 < self.settings.prediction_interval
+
+    def decode_scores(self, score: Callable[[], torch.Tensor], kv_len: int) -> torch.Tensor:
+        """Scores for a decode step: a fresh prediction every ``prediction_interval`` steps, in between the
+        last one, with the tokens added since ranked first (they were never scored)."""
+        if self.settings.prediction_interval == 1:
+            return score()
+        if self.reuses_scores():
+            self.last_scores_age += 1
+            last = self.last_scores
+            fresh = last.new_full((*last.shape[:-1], kv_len - last.shape[-1]), float("inf"))
+            return torch.cat([last, fresh], dim=-1)
+        self.last_scores, self.last_scores_age = score(), 0
+        return self.last_scores
 
     def __repr__(self) -> str:
         return f"ButlerLayer(layer_idx={self.layer_idx}, predictor={self.predictor is not None})"
@@ -121,12 +147,14 @@ class ButlerLayer(DynamicLayer):
             self.importance_keys = fn(self.importance_keys)
         self.policy_state = {name: fn(t) for name, t in self.policy_state.items() if t.numel() > 0}
         self.importance_queries = None
+        self.last_scores = None  # the next decode step predicts afresh
 
     def reset(self) -> None:
         super().reset()
         self.importance_keys = None
         self.importance_queries = None
         self.policy_state = {}
+        self.last_scores = None
 
     def crop(self, tokens_to_remove: int) -> None:
         super().crop(tokens_to_remove)
@@ -174,6 +202,11 @@ class ButlerCache(DynamicCache):
         predictor, its config decides).
     offloading : as `DynamicCache(offloading=True)`.
     record_stats : record per-forward attended-token counts in ``cache.stats`` (costs a sync per layer).
+    prediction_interval : predict (score) every this many decode steps and reuse the scores in between,
+        tokens added since the last prediction kept first; the producers of a stateless predictor are
+        skipped on the reuse steps.
+    neighbor_fetch : also attend, for each run of selected positions, to the position just after it (at
+        most one extra token per run, on top of the budget); meant for ``prediction_interval`` > 1.
     """
 
     def __init__(
@@ -191,6 +224,8 @@ class ButlerCache(DynamicCache):
         first_sparse_layer: int = 1,
         offloading: bool = False,
         record_stats: bool = False,
+        prediction_interval: int = 1,
+        neighbor_fetch: bool = False,
     ):
         from .attention import attach
 
@@ -209,6 +244,8 @@ class ButlerCache(DynamicCache):
             backend=check_backend(backend),
             sparse_prefill=sparse_prefill,
             record_stats=record_stats,
+            prediction_interval=prediction_interval,
+            neighbor_fetch=neighbor_fetch,
         )
         self.predictor = predictor if policy.requires_predictor else None
         super().__init__(config=model.config, offloading=offloading)
@@ -279,11 +316,19 @@ class ButlerCache(DynamicCache):
         """Called with the hidden state entering decoder layer ``layer_idx``: run its producer, if any."""
         if self.predictor is None:
             return
+        if inputs.hidden_states.shape[1] == 1 and self.predictor_state is None and self._all_reuse(layer_idx):
+            return  # every layer this producer serves reuses its last prediction this step
         for served, importance in self.predictor.produce(layer_idx, inputs, self.predictor_state).items():
             layer = self.layers[served]
             layer.importance_queries = importance.queries
             if importance.keys is not None:
                 layer.append_importance_keys(importance.keys)
+
+    def _all_reuse(self, layer_idx: int) -> bool:
+        if self.settings.prediction_interval == 1:
+            return False
+        groups = [g for g in getattr(self.predictor.config, "producer_groups", ()) if g[0] == layer_idx]
+        return bool(groups) and all(self.layers[served].reuses_scores() for served in groups[0])
 
     # ------------------------------------------------------------------ predictor decode state in sync
     def reset(self) -> None:

@@ -91,3 +91,16 @@ def select_tokens(scores: torch.Tensor, valid: torch.Tensor, budget: TokenBudget
     keep = torch.arange(k, device=scores.device) < row_budget[..., None]  # [B, H, q, K]
     keep &= valid.gather(-1, indices)  # guards against policies that score valid keys -inf
     return Selection(indices=indices, keep=keep)
+
+
+def with_neighbors(selection: Selection, valid: torch.Tensor, kv_len: int) -> Selection:
+    """Add, for each run of selected positions, the valid position just after it (neighbour fetching)."""
+    mask = selection.as_mask(kv_len)  # [B, H, T, L]
+    after = torch.zeros_like(mask)
+    after[..., 1:] = mask[..., :-1] & ~mask[..., 1:]
+    mask = mask | (after & valid)
+    count = mask.sum(-1)  # [B, H, T]
+    k = int(count.max().item())
+    indices = mask.to(torch.int8).topk(k, dim=-1).indices  # selected positions first
+    keep = torch.arange(k, device=mask.device) < count[..., None]
+    return Selection(indices=indices, keep=keep)

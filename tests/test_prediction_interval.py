@@ -1,0 +1,58 @@
+"""Prediction interval (reuse the last scores for N decode steps) and neighbour fetching."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from butler_cache import ButlerCache, ButlerConfig, ButlerLayer, ButlerPredictor
+from butler_cache.selection import Selection, with_neighbors
+
+from .conftest import random_batch, tiny_model
+
+
+def test_with_neighbors_by_hand():
+    # selected runs {2, 3} and {7}: neighbours 4 and 8; 9 is padding-invalid
+    sel = Selection(indices=torch.tensor([[[[3, 2, 7, 0]]]]), keep=torch.tensor([[[[True, True, True, False]]]]))
+    valid = torch.ones(1, 1, 1, 10, dtype=torch.bool)
+    out = with_neighbors(sel, valid, 10)
+    assert sorted(out.indices[out.keep].tolist()) == [2, 3, 4, 7, 8]
+    valid[..., 8] = False
+    assert sorted(with_neighbors(sel, valid, 10).indices[with_neighbors(sel, valid, 10).keep].tolist()) == [2, 3, 4, 7]
+
+
+@pytest.mark.parametrize("interval", [1, 3])
+def test_scores_and_producers_run_once_per_interval(interval, monkeypatch):
+    model = tiny_model("llama", seed=2)
+    torch.manual_seed(0)
+    predictor = ButlerPredictor(ButlerConfig.for_model(model, layer_stride=3))
+    cache = ButlerCache(model, predictor, token_budget=8, sink_tokens=2, local_window=2, prediction_interval=interval)
+    scored, produced = [], []
+    score = cache.settings.policy.score
+    monkeypatch.setattr(cache.settings.policy, "score", lambda inputs: scored.append(1) or score(inputs))
+    produce = predictor.produce
+    monkeypatch.setattr(predictor, "produce", lambda *a: produced.append((a[0], a[1].hidden_states.shape[1])) or produce(*a))
+    ids, mask = random_batch(1, 20, seed=1)
+    model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=10, do_sample=False)
+    sparse_layers, decode_steps = 3, 9  # layers 1-3; the prefill is dense
+    assert len(scored) == sparse_layers * -(-decode_steps // interval)
+    # one producer (layer 1, stride 3); it is skipped on the steps that reuse the last prediction
+    assert produced.count((1, 1)) == -(-decode_steps // interval)
+    for layer in cache.layers:
+        if isinstance(layer, ButlerLayer) and interval > 1:
+            assert layer.last_scores is not None
+
+
+def test_interval_and_neighbours_generate_and_reset_on_cache_operations():
+    model = tiny_model("qwen2", seed=3, num_attention_heads=6, num_key_value_heads=2)
+    ids, mask = random_batch(2, 24, [0, 3], seed=2)
+    cache = ButlerCache(model, policy="oracle", token_budget=10, sink_tokens=2, local_window=3, prediction_interval=4,
+                        neighbor_fetch=True, record_stats=True)
+    model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=8, do_sample=False,
+                   num_beams=2)
+    steps = [s for s in cache.stats if s.query_length == 1 and s.attended is not None]
+    assert steps and all(10 <= s.attended <= 20 for s in steps)
+    cache.reorder_cache(torch.tensor([1, 0, 3, 2]))
+    assert all(layer.last_scores is None for layer in cache.layers if isinstance(layer, ButlerLayer))
+    with pytest.raises(ValueError, match="prediction_interval=0"):
+        ButlerCache(model, policy="oracle", token_budget=10, sink_tokens=2, local_window=3, prediction_interval=0)
