@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from ..kernels import resolve_backend
+
 LOSSES = ("kl", "mse")
 
 
@@ -77,15 +79,22 @@ def distillation_loss(
     key_padding: torch.Tensor | None = None,
     loss: str = "kl",
     block_size: int = 128,
+    backend: str = "torch",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of the loss terms and their count for one layer, streaming over blocks of query rows.
 
     Shapes: ``teacher_q [B, HQ, T, D]``, ``teacher_k [B, H_kv, T, D]``, ``student_q [B, HQ, T, E]``,
     ``student_k [B, H_s, T, E]`` (``H_kv`` and ``H_s`` divide ``HQ``), ``key_padding [B, T]`` (True = real
     token). Returns ``(sum, count)`` so that layers and processes can be averaged exactly; the mean is
-    ``sum / count``. Gradients flow into the student tensors only.
+    ``sum / count``. Gradients flow into the student tensors only. ``backend="triton"`` (or ``"auto"``
+    on CUDA) runs the fused kernel of `butler_cache.kernels.distill_loss`.
     """
     _check(loss, teacher_q, teacher_k, student_q, student_k)
+    if resolve_backend(backend, teacher_q.device) == "triton":
+        from ..kernels.distill_loss.fused import fused_distillation_loss
+
+        return fused_distillation_loss(teacher_q, teacher_k, student_q, student_k, teacher_scale=teacher_scale,
+                                       student_scale=student_scale, key_padding=key_padding, loss=loss)
     teacher_q, teacher_k = teacher_q.detach(), teacher_k.detach()
     T = teacher_q.shape[2]
     total = teacher_q.new_zeros((), dtype=torch.float32)
