@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..capture import capture_attention
+from ..kernels import check_backend
 from ..metrics import recall_at_k, token_hit_accuracy
 from ..policies import group_max_probabilities
 from ..predictor import ButlerPredictor, Importance
@@ -29,12 +30,14 @@ class DistillationModel(nn.Module):
     loss : ``"kl"`` (default) or ``"mse"``; see `butler_cache.training.losses`.
     block_size : query rows per block of the streamed loss.
     recall_budgets : budgets at which recall@k of the last row is tracked for logging.
+    backend : ``"auto"`` (the fused Triton loss on CUDA, the streamed PyTorch loss elsewhere), ``"torch"``
+        or ``"triton"``.
     """
 
     accepts_loss_kwargs = False  # the loss is a mean over its own terms; let the Trainer scale it
 
     def __init__(self, model: nn.Module, predictor: ButlerPredictor, *, loss: str = "kl", block_size: int = 128,
-                 recall_budgets: tuple[int, ...] = (64, 128, 256)):
+                 recall_budgets: tuple[int, ...] = (64, 128, 256), backend: str = "auto"):
         super().__init__()
         if loss not in LOSSES:
             raise ValueError(f"loss={loss!r} is not known; expected one of {LOSSES}")
@@ -43,6 +46,7 @@ class DistillationModel(nn.Module):
         self.__dict__["teacher"] = model  # not a sub-module: never optimised, saved or wrapped by DDP
         model.requires_grad_(False).eval()
         self.loss_type, self.block_size, self.recall_budgets = loss, block_size, recall_budgets
+        self.backend = check_backend(backend)
         self._metric_sums: dict[str, float] = {}
         self._metric_count = 0
 
@@ -60,7 +64,7 @@ class DistillationModel(nn.Module):
             layer_sum, layer_count = distillation_loss(
                 cap.queries[layer], cap.keys[layer], imp.queries, imp.keys,
                 teacher_scale=cap.scales[layer], student_scale=self.predictor.config.score_scale,
-                key_padding=padding, loss=self.loss_type, block_size=self.block_size,
+                key_padding=padding, loss=self.loss_type, block_size=self.block_size, backend=self.backend,
             )
             total, count = total + layer_sum, count + layer_count
         loss = total / count
