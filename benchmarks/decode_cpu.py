@@ -10,6 +10,13 @@ the step spent in the predictor (importance queries, scoring and top-k selection
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# benchmarks/kernels.py would shadow the Hub package `kernels` that transformers probes for by import:
+# keep this folder off the import path before importing transformers.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
 import argparse
 import json
 import statistics
