@@ -71,3 +71,19 @@ def test_describe_steps_summarises_sparse_and_dense_steps():
     lines = cli._describe_steps(stats)
     assert lines[-1].startswith("sparse steps: 28/30; mean tokens attended 4.0 of 21.5")
     assert any(line.strip() == "..." for line in lines)
+
+
+@needs_model
+@pytest.mark.slow
+def test_shipped_predictor_fits_the_default_model(smollm):
+    from butler_cache import default_predictor_path
+
+    model, tokenizer = smollm
+    predictor = ButlerPredictor.from_pretrained(default_predictor_path())
+    predictor.check_compatible(model)
+    assert predictor.num_parameters() / model.num_parameters() <= 0.012
+    assert predictor.config.training["steps_done"] > 0 and "valid.txt" in predictor.config.training["data"][0]
+    inputs = _chat(tokenizer, "Name three colours.")
+    cache = ButlerCache.from_pretrained(default_predictor_path(), model, token_budget=24, sink_tokens=4, local_window=8)
+    out = model.generate(**inputs, past_key_values=cache, max_new_tokens=8, do_sample=False)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 8 or tokenizer.eos_token_id in out[0].tolist()
