@@ -130,3 +130,11 @@ def test_baselines_through_generate(policy):
     sparse_prefill = ButlerCache(model, policy=policy, budget_ratio=0.5, sink_tokens=2, local_window=1, sparse_prefill=True)
     with torch.no_grad():
         assert model(input_ids=ids, attention_mask=mask, past_key_values=sparse_prefill).logits.isfinite().all()
+
+
+def test_h2o_gives_half_the_budget_to_the_most_recent_tokens():
+    budget = TokenBudget(token_budget=8, sink_tokens=1, local_window=1)
+    layer = _layer(torch.randn(1, 1, 30, 4), "h2o", token_budget=8, sink_tokens=1, local_window=1)
+    layer.policy_state["h2o_accumulated"] = torch.linspace(1, 0, 30).view(1, 1, 30, 1)  # old tokens are heavy
+    _, chosen = _selected(H2OPolicy(), layer, torch.randn(1, 2, 1, 4), budget)
+    assert chosen == [0, 1, 2, 3, 26, 27, 28, 29]  # sink + 3 heaviest, 4 most recent

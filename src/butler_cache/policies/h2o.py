@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..selection import Selection
 from .base import ScoringInputs, SelectionPolicy, group_sum, true_probabilities
 
 
+@dataclass
 class H2OPolicy(SelectionPolicy):
     """H2O (Zhang et al., 2023, arXiv 2306.14048).
 
     Each key's score is the attention it has received, summed over all past queries (and over the
-    query heads of its GQA group). At every decode step the cache keeps sinks + window + the
+    query heads of its GQA group). As in the paper, ``recent_ratio`` of each row's budget goes to the
+    most recent tokens and the rest to these heavy hitters. At every decode step the cache keeps sinks + window + the
     top-scored keys within the budget and evicts the rest for good: an evicted key is never attended
     again. The attention accumulated is the one actually computed (over the selected keys).
 
@@ -23,6 +27,7 @@ class H2OPolicy(SelectionPolicy):
 
     name = "h2o"
     stateful = True
+    recent_ratio: float = 0.5
 
     def score(self, inputs: ScoringInputs) -> torch.Tensor:
         layer, L, T = inputs.layer, inputs.key.shape[2], inputs.query.shape[2]
@@ -32,7 +37,11 @@ class H2OPolicy(SelectionPolicy):
         if T > 1:
             probs = group_sum(true_probabilities(inputs), inputs.num_key_value_heads)  # [B, H, T, L]
             scores = scores + probs.cumsum(dim=2) - probs  # attention of the earlier rows of this forward
-        return scores.masked_fill(evicted[:, :, None, :], float("-inf"))
+        valid = inputs.valid
+        recent = torch.floor(layer.settings.budget.per_row(valid.sum(-1)).double() * self.recent_ratio).long()
+        rank_from_end = valid.flip(-1).cumsum(-1).flip(-1)  # 1 for the newest valid key
+        is_recent = valid & (rank_from_end <= recent[..., None])  # [B|1, 1, T, L]
+        return scores.masked_fill(evicted[:, :, None, :], float("-inf")).masked_fill(is_recent, float("inf"))
 
     def observe(self, inputs: ScoringInputs, selection: Selection | None, block: int = 256) -> None:
         layer, L, T = inputs.layer, inputs.key.shape[2], inputs.query.shape[2]
