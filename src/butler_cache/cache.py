@@ -331,30 +331,26 @@ class ButlerCache(DynamicCache):
         return bool(groups) and all(self.layers[served].reuses_scores() for served in groups[0])
 
     # ------------------------------------------------------------------ predictor decode state in sync
-    def reset(self) -> None:
-        super().reset()
+    def _with_predictor_state(self, operation: str, *args: Any) -> None:
+        """Apply a cache operation to the layers and to the predictor's own decode state alike."""
+        getattr(super(), operation)(*args)
         if self.predictor_state is not None:
-            self.predictor_state.reset()
+            getattr(self.predictor_state, operation)(*args)
+
+    def reset(self) -> None:
+        self._with_predictor_state("reset")
 
     def crop(self, tokens_to_remove: int) -> None:
-        super().crop(tokens_to_remove)
-        if self.predictor_state is not None:
-            self.predictor_state.crop(tokens_to_remove)
+        self._with_predictor_state("crop", tokens_to_remove)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        super().reorder_cache(beam_idx)
-        if self.predictor_state is not None:
-            self.predictor_state.reorder_cache(beam_idx)
+        self._with_predictor_state("reorder_cache", beam_idx)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        super().batch_repeat_interleave(repeats)
-        if self.predictor_state is not None:
-            self.predictor_state.batch_repeat_interleave(repeats)
+        self._with_predictor_state("batch_repeat_interleave", repeats)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        super().batch_select_indices(indices)
-        if self.predictor_state is not None:
-            self.predictor_state.batch_select_indices(indices)
+        self._with_predictor_state("batch_select_indices", indices)
 
     @property
     def stats(self) -> list[StepStats]:
