@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from .sparse_attention import sparse_attention_naive
+from .sparse_attention import sparse_attention_naive, sparse_decode_attention_torch
 
 BACKENDS = ("auto", "torch", "triton")
 TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
@@ -45,19 +45,28 @@ def sparse_attention(
     key: torch.Tensor,
     value: torch.Tensor,
     indices: torch.Tensor,
-    keep: torch.Tensor,
+    keep: torch.Tensor | None,
     scale: float,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Gathered sparse attention; see `sparse_attention_naive` for shapes. Returns ``[B, T, HQ, V]``.
 
-    The Triton path serves one query row (decoding); several rows use the reference.
+    ``keep=None``: every slot is kept. One query row (decoding) runs the Triton kernel or the PyTorch
+    decode path (`sparse_decode_attention_torch`); several rows run the reference.
     """
-    if resolve_backend(backend, query.device) == "triton" and query.shape[2] == 1:
+    decode = query.shape[2] == 1
+    if resolve_backend(backend, query.device) == "triton" and decode:
         from .sparse_attention.decode import sparse_decode_attention
 
+        keep = torch.ones_like(indices, dtype=torch.bool) if keep is None else keep
         return sparse_decode_attention(query, key, value, indices, keep, scale)
+    if decode:
+        return sparse_decode_attention_torch(query, key, value, indices, keep, scale)
+    keep = torch.ones_like(indices, dtype=torch.bool) if keep is None else keep
     return sparse_attention_naive(query, key, value, indices, keep, scale)
 
 
-__all__ = ["BACKENDS", "check_backend", "resolve_backend", "sparse_attention", "sparse_attention_naive"]
+__all__ = [
+    "BACKENDS", "check_backend", "resolve_backend", "sparse_attention", "sparse_attention_naive",
+    "sparse_decode_attention_torch",
+]

@@ -72,3 +72,21 @@ def test_generators_are_deterministic_and_varied(model_dir):
         n_tokens = len(tokenizer(first[0].prompt)["input_ids"])
         assert 200 <= n_tokens <= 340, (task, n_tokens)
         assert all(answer in first[0].prompt for answer in first[0].answers)
+
+
+def test_shared_prefill_decodes_what_generate_decodes(model_dir):
+    """One dense prefill copied into every cache gives each policy the answers of its own model.generate."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from butler_cache import ButlerConfig, ButlerPredictor
+    from butler_cache.evaluation.runner import cache_factory, generate_answers, generate_answers_shared
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    predictor = ButlerPredictor(ButlerConfig.for_model(model, layer_stride=2))
+    prompts = [ex.prompt for ex in make_longctx_examples(tokenizer, "passkey", 90, 3, seed=2)]
+    factories = {p: cache_factory(model, p, predictor=predictor, token_budget=24)
+                 for p in ("dense", "oracle", "butler", "quest", "streaming", "h2o", "snapkv")}
+    shared = generate_answers_shared(model, tokenizer, prompts, factories, max_new_tokens=6, progress=False)
+    for name, make in factories.items():
+        assert shared[name] == generate_answers(model, tokenizer, prompts, make, max_new_tokens=6, progress=False), name

@@ -102,3 +102,21 @@ def test_policy_hits_of_the_oracle_are_perfect_and_baselines_are_not():
     for policy in ("streaming", "quest", "h2o", "snapkv", "random"):
         hits = policy_hits(model, chunks, policy, budgets=(8,), progress=False)
         assert 0.0 <= hits["per_kv_head/recall@8"] < 1.0, policy
+
+
+def test_decode_perplexity_equals_teacher_forced_when_dense():
+    """Token-by-token decoding through a full-budget cache gives the dense teacher-forced perplexity."""
+    from transformers import DynamicCache
+
+    from butler_cache.evaluation import decode_perplexity
+
+    model = tiny_model("llama", seed=3, dtype=torch.float64)
+    chunks = TokenChunks(torch.randint(1, 99, (2, 40), generator=torch.Generator().manual_seed(0)))
+    dense = sparse_perplexity(model, chunks, sparsity=0.0, progress=False)
+    by_decoding = decode_perplexity(model, chunks, lambda: DynamicCache(config=model.config), prefix=1, progress=False)
+    full_budget = decode_perplexity(model, chunks, lambda: ButlerCache(model, token_budget=64), prefix=1, progress=False)
+    # both score in float32 (cross-entropy of float32 logits)
+    assert math.isclose(by_decoding, dense, rel_tol=1e-6) and math.isclose(full_budget, dense, rel_tol=1e-6)
+    sparse = decode_perplexity(model, chunks, lambda: ButlerCache(model, token_budget=22, local_window=2), prefix=8,
+                               progress=False)
+    assert sparse != decode_perplexity(model, chunks, lambda: DynamicCache(config=model.config), prefix=8, progress=False)

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from butler_cache import TokenBudget
-from butler_cache.selection import key_validity, select_tokens
+from butler_cache.selection import key_validity, select_decode_tokens, select_tokens
 
 from .reference import reference_selection
 
@@ -69,3 +69,17 @@ def test_key_validity_of_float_mask():
     mask = torch.zeros(1, 1, 2, 4)
     mask[..., 0] = torch.finfo(torch.float32).min
     assert key_validity(mask, 2, 4, torch.device("cpu")).tolist() == [[[[False, True, True, True]] * 2]]
+
+
+@given(selection_problems())
+def test_select_decode_tokens_matches_select_tokens(problem):
+    """The mask-free decode path selects the same keys as the general one (one row, no padding)."""
+    B, H, _, L, budget, _, seed = problem
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.rand(B, H, 1, L, generator=gen, dtype=torch.float64)
+    valid = key_validity(None, 1, L, torch.device("cpu"))
+    expected = select_tokens(scores, valid, budget)
+    got = select_decode_tokens(scores, budget)
+    assert torch.equal(got.as_mask(L), expected.as_mask(L))
+    assert torch.equal(got.attended(), expected.attended())
+    assert got.all_kept and bool(got.keep.all())

@@ -25,7 +25,7 @@ from .capture import CAPTURE
 from .kernels import sparse_attention
 from .policies import ScoringInputs
 from .predictor import LayerInput
-from .selection import key_validity, select_tokens, with_neighbors
+from .selection import key_validity, select_decode_tokens, select_tokens, with_neighbors
 
 # No "/", "sdpa", "flash" or "flex" in the name: transformers gives those special handling.
 ATTENTION_NAME = "butler_cache"
@@ -140,12 +140,17 @@ def butler_attention_forward(
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
     valid = key_validity(attention_mask, q_len, kv_len, key.device)  # [B|1, 1, T, L]
-    inputs = ScoringInputs(query=query, key=key, valid=valid, scaling=scale, layer=layer)
+    # no mask at a decode step: no padding, every cached key is valid (transformers skips the mask then)
+    unpadded_decode = q_len == 1 and attention_mask is None
+    inputs = ScoringInputs(query=query, key=key, valid=valid, scaling=scale, layer=layer, all_valid=unpadded_decode)
     if q_len == 1:
         scores = layer.decode_scores(lambda: policy.score(inputs), kv_len)
     else:
         scores = policy.score(inputs)
-    selection = select_tokens(scores, valid, settings.budget)  # [B, H_kv, T, K]
+    if unpadded_decode:
+        selection = select_decode_tokens(scores, settings.budget)  # [B, H_kv, 1, K]
+    else:
+        selection = select_tokens(scores, valid, settings.budget)  # [B, H_kv, T, K]
     if settings.neighbor_fetch:
         selection = with_neighbors(selection, valid, kv_len)
     if policy.stateful:
@@ -154,7 +159,8 @@ def butler_attention_forward(
     if layer.stats is not None:
         layer.stats.record(q_len, kv_len, selection.attended())
     if q_len == 1:
-        out = sparse_attention(query, key, value, selection.indices, selection.keep, scale, backend=settings.backend)
+        keep = None if selection.all_kept else selection.keep
+        out = sparse_attention(query, key, value, selection.indices, keep, scale, backend=settings.backend)
     else:
         out = masked_attention(query, key, value, selection.as_mask(kv_len), scale)
     return out, None

@@ -20,6 +20,7 @@ from transformers.cache_utils import DynamicLayer
 
 from .architecture import BaseModelShape, check_supported
 from .budget import TokenBudget
+from .growth import append_rows
 from .kernels import check_backend
 from .policies import SelectionPolicy, make_policy
 from .predictor import ButlerPredictor, LayerInput
@@ -94,6 +95,13 @@ class ButlerLayer(DynamicLayer):
         self.last_scores: torch.Tensor | None = None  # [B, H_kv, 1, L_then]
         self.last_scores_age = 0
         self.stats: _StatsRecorder | None = None
+        # storages that keys / values / importance_keys are prefix views of (see `growth.append_rows`)
+        self._storage: dict[str, torch.Tensor | None] = {"keys": None, "values": None, "importance_keys": None}
+
+    def _append(self, name: str, new: torch.Tensor) -> torch.Tensor:
+        view, self._storage[name] = append_rows(getattr(self, name), self._storage[name], new)
+        setattr(self, name, view)
+        return view
 
     def token_state(self, name: str, length: int, fill: float = 0.0) -> torch.Tensor:
         """Policy state ``name`` ``[B, H_kv, length, 1]`` (float32), new tokens' rows set to ``fill``."""
@@ -129,7 +137,10 @@ class ButlerLayer(DynamicLayer):
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        keys, values = super().update(key_states, value_states)
+        # as DynamicLayer.update, without re-copying the whole cache every step
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        keys, values = self._append("keys", key_states), self._append("values", value_states)
         if self.predictor is not None:
             new = self.predictor.keys_from_cache(self.layer_idx, key_states)  # [B, H_kv, T, d'] or None
             if new is not None:
@@ -139,7 +150,7 @@ class ButlerLayer(DynamicLayer):
 
     def append_importance_keys(self, new: torch.Tensor) -> None:
         """Add the importance keys ``[B, H_k, T, d']`` of the new tokens."""
-        self.importance_keys = new if self.importance_keys is None else torch.cat([self.importance_keys, new], dim=-2)
+        self._append("importance_keys", new)
 
     # ------------------------------------------------------------------ keeping predictor state in sync
     def _map_state(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
@@ -149,8 +160,12 @@ class ButlerLayer(DynamicLayer):
         self.importance_queries = None
         self.last_scores = None  # the next decode step predicts afresh
 
+    def _release_storage(self) -> None:
+        self._storage = dict.fromkeys(self._storage)
+
     def reset(self) -> None:
         super().reset()
+        self._release_storage()
         self.importance_keys = None
         self.importance_queries = None
         self.policy_state = {}
@@ -163,18 +178,22 @@ class ButlerLayer(DynamicLayer):
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
+        self._release_storage()  # the old storage no longer backs the cache
         self._map_state(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
+        self._release_storage()  # the old storage no longer backs the cache
         self._map_state(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         super().batch_select_indices(indices)
+        self._release_storage()  # the old storage no longer backs the cache
         self._map_state(lambda t: t[indices, ...])
 
     def offload(self) -> None:
         super().offload()
+        self._release_storage()  # the device copies must not outlive the offload
         if self.importance_keys is not None:
             self.importance_keys = self.importance_keys.to("cpu", non_blocking=True)
 

@@ -172,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--logging-steps", type=int, default=10)
     train.add_argument("--max-minutes", type=float, default=None, help="stop cleanly after this long")
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--init-from", default=None,
+                       help="continue training this predictor (folder or Hub id) with a fresh schedule")
     train.add_argument("--resume", action="store_true", help="resume from the last checkpoint in OUTPUT/checkpoints")
     train.set_defaults(func=cmd_train)
 

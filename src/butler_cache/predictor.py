@@ -107,9 +107,9 @@ class ButlerPredictor(nn.Module, PushToHubMixin):
         """Predicted logits per query head: ``[B, HQ, T, d']`` x ``[B, H_k, L, d']`` -> ``[B, HQ, T, L]``."""
         B, HQ, T, E = queries.shape
         H = keys.shape[1]
-        grouped = queries.view(B, H, HQ // H, T, E)
-        logits = torch.einsum("bhgte,bhle->bhgtl", grouped, keys.to(queries.dtype)) * self.config.score_scale
-        return logits.reshape(B, HQ, T, -1)
+        grouped = queries.reshape(B, H, HQ // H * T, E)  # query heads of a group share its keys
+        logits = torch.matmul(grouped, keys.to(queries.dtype).transpose(-1, -2)) * self.config.score_scale
+        return logits.view(B, HQ, T, -1)  # [B, H, G * T, L] -> [B, HQ, T, L]
 
     def teacher_forced(self, inputs: dict[int, LayerInput], keys: dict[int, torch.Tensor]) -> dict[int, Importance]:
         """Importance queries and keys of every served layer for whole sequences (training, evaluation).

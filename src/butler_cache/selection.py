@@ -49,6 +49,7 @@ class Selection:
 
     indices: torch.Tensor
     keep: torch.Tensor
+    all_kept: bool = False  # known on the host: every slot is kept (lets attention skip the masking)
 
     def as_mask(self, kv_len: int) -> torch.Tensor:
         """The selection as a dense boolean mask ``[B, H_kv, q, L]``."""
@@ -91,6 +92,30 @@ def select_tokens(scores: torch.Tensor, valid: torch.Tensor, budget: TokenBudget
     keep = torch.arange(k, device=scores.device) < row_budget[..., None]  # [B, H, q, K]
     keep &= valid.gather(-1, indices)  # guards against policies that score valid keys -inf
     return Selection(indices=indices, keep=keep)
+
+
+def select_decode_tokens(scores: torch.Tensor, budget: TokenBudget) -> Selection:
+    """`select_tokens` for one query row per sequence that may see all ``L`` cached keys (no padding).
+
+    Without masks: the sinks and the window are known positions, so only the keys between them are
+    ranked, by one ``topk``. Same selection as `select_tokens` (up to ties), in a different slot order.
+    ``scores``: ``[B, H_kv, 1, L]``.
+    """
+    B, H, q, L = scores.shape
+    if q != 1:
+        raise ValueError(f"select_decode_tokens serves one query row per sequence, got {q}")
+    n = budget.max_selected(L)  # every row sees L keys, so this is every row's budget
+    sinks, window = budget.sink_tokens, budget.local_window
+    positions = torch.arange(L, device=scores.device)
+    if n >= L:
+        indices = positions.expand(B, H, 1, L)
+        return Selection(indices, torch.ones_like(indices, dtype=torch.bool), all_kept=True)
+    # n < L implies L > sinks + window (the budget holds them whenever the context exceeds them)
+    top = scores[..., sinks : L - window].topk(n - sinks - window, dim=-1, sorted=False)  # [B, H, 1, n - forced]
+    forced = torch.cat([positions[:sinks], positions[L - window :]]).expand(B, H, 1, sinks + window)
+    indices = torch.cat([forced, top.indices + sinks], dim=-1)  # [B, H, 1, n]
+    # every key is valid, so every slot is kept (as in `select_tokens`, whatever the scores)
+    return Selection(indices, torch.ones_like(indices, dtype=torch.bool), all_kept=True)
 
 
 def with_neighbors(selection: Selection, valid: torch.Tensor, kv_len: int) -> Selection:

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from butler_cache import ButlerCache, ButlerConfig, ButlerPredictor
 from butler_cache.kernels import sparse_attention
-from butler_cache.kernels.sparse_attention import sparse_attention_naive
+from butler_cache.kernels.sparse_attention import gather_rows, sparse_attention_naive
 
 from ..conftest import random_batch, tiny_model
 
@@ -60,3 +60,41 @@ def test_generate_with_triton_equals_torch_backend():
     assert torch.equal(runs["torch"].sequences, runs["triton"].sequences)
     for a, b in zip(runs["torch"].logits, runs["triton"].logits, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@settings(max_examples=25)
+@given(
+    B=st.integers(1, 3), H=st.integers(1, 3), G=st.sampled_from([1, 2, 3, 4, 8]), L=st.integers(1, 300),
+    spare=st.integers(0, 40), frac=st.floats(0.05, 1.0), D=st.sampled_from([16, 64, 80, 128]),
+    dtype=st.sampled_from(list(TOL)), masked=st.booleans(), seed=st.integers(0, 2**31 - 1),
+)
+def test_torch_decode_path_matches_reference(B, H, G, L, spare, frac, D, dtype, masked, seed):
+    """The PyTorch decode path (row gathers on prefix views of a larger storage) against the reference."""
+    gen = torch.Generator().manual_seed(seed)
+    S = max(1, int(frac * L))
+    q = torch.randn(B, H * G, 1, D, generator=gen).to(dtype)
+    # the cache hands out prefix views of a storage with spare rows (butler_cache.growth)
+    k = torch.randn(B, H, L + spare, D, generator=gen).to(dtype)[:, :, :L]
+    v = torch.randn(B, H, L + spare, D, generator=gen).to(dtype)[:, :, :L]
+    idx = torch.rand(B, H, 1, L, generator=gen).argsort(-1)[..., :S]
+    keep = torch.rand(B, H, 1, S, generator=gen) < 0.9 if masked else torch.ones(B, H, 1, S, dtype=torch.bool)
+    ref = sparse_attention_naive(q.double(), k.double(), v.double(), idx, keep, D**-0.5)
+    got = sparse_attention(q, k, v, idx, keep if masked else None, D**-0.5, backend="torch")
+    assert got.shape == (B, 1, H * G, D) and got.dtype == dtype
+    assert torch.equal(got, torch.zeros_like(got)) if not keep.any() else _rel(got, ref) < TOL[dtype]
+
+
+@given(B=st.integers(1, 3), H=st.integers(1, 4), L=st.integers(1, 64), D=st.integers(1, 20), S=st.integers(1, 30),
+       layout=st.sampled_from(["contiguous", "prefix", "transposed", "expanded"]))
+def test_gather_rows_equals_gather(B, H, L, D, S, layout):
+    gen = torch.Generator().manual_seed(B * 1000 + L * 10 + D)
+    if layout == "prefix":
+        x = torch.randn(B, H, L + 7, D, generator=gen)[:, :, :L]
+    elif layout == "transposed":  # [B, L, H, D] storage seen as [B, H, L, D]
+        x = torch.randn(B, L, H, D, generator=gen).transpose(1, 2)
+    elif layout == "expanded":
+        x = torch.randn(1, 1, L, D, generator=gen).expand(B, H, L, D)
+    else:
+        x = torch.randn(B, H, L, D, generator=gen)
+    idx = torch.randint(0, L, (B, H, S), generator=gen)
+    assert torch.equal(gather_rows(x, idx), x.gather(2, idx[..., None].expand(B, H, S, D)))

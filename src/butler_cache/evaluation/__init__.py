@@ -1,6 +1,6 @@
-"""Evaluation protocols: teacher-forced sparse perplexity, token-hit accuracy and recall@k."""
+"""Evaluation protocols: teacher-forced and decode-mode sparse perplexity, token-hit accuracy and recall@k."""
 
 from .hits import policy_hits, predictor_hits
-from .perplexity import sparse_perplexity
+from .perplexity import decode_perplexity, sparse_perplexity
 
-__all__ = ["policy_hits", "predictor_hits", "sparse_perplexity"]
+__all__ = ["decode_perplexity", "policy_hits", "predictor_hits", "sparse_perplexity"]

@@ -2,7 +2,10 @@
 
 A passage introduces an invented name for a place or a person, distractor passages follow
 (philosophy, food, a small maths problem), and a closing question can only be answered with that
-name. Scored teacher-forced (name tokens mispredicted) and by generation (exact match).
+name. The answer is cued ("Answer: The village remembered for ... was called"), so that even a small
+model answers with the name itself: what the task measures is whether attention still reaches the
+passage that introduced it. Scored teacher-forced (name tokens mispredicted) and by generation
+(exact match).
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ MATHS = "A shop sells {a} pencils each morning and {b} each afternoon. Over {c} 
 
 @dataclass(frozen=True)
 class CorefExample:
-    context: str  # everything before the answer, ending with "Answer:"
+    context: str  # everything before the answer, ending with "Answer: The <kind> ... was called"
     answer: str  # the invented name
 
     @property
@@ -62,10 +65,12 @@ def make_coref_examples(n: int = 200, seed: int = 0, distractors: int = 3) -> li
             kind, feature = rng.choice(PLACES)
             intro = f"Long ago there was a {kind} called {name}. Travellers remembered it for {feature}."
             question = f"What was the name of the {kind} remembered for {feature}?"
+            cue = f"The {kind} remembered for {feature} was called"
         else:
             kind, item = rng.choice(PEOPLE)
             intro = f"One winter a {kind} named {name} came down from the hills carrying {item}."
             question = f"What was the name of the {kind} who carried {item}?"
+            cue = f"The {kind} who carried {item} was named"
         passages = []
         for _ in range(distractors):
             topic = rng.choice(["philosophy", "food", "maths"])
@@ -78,6 +83,6 @@ def make_coref_examples(n: int = 200, seed: int = 0, distractors: int = 3) -> li
             else:
                 a, b, c = rng.randint(3, 40), rng.randint(3, 40), rng.randint(2, 9)
                 passages.append(MATHS.format(a=a, b=b, c=c, total=(a + b) * c))
-        context = " ".join([intro, *passages, f"Question: {question} Answer:"])
+        context = " ".join([intro, *passages, f"Question: {question} Answer: {cue}"])
         examples.append(CorefExample(context=context, answer=name))
     return examples

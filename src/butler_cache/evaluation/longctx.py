@@ -19,6 +19,7 @@ class LongContextExample:
     task: str
     prompt: str
     answers: tuple[str, ...]  # all must appear in the generated text
+    max_new_tokens: int = 16  # enough for the answer
 
     def is_correct(self, generated: str) -> bool:
         return all(a in generated for a in self.answers)
@@ -40,7 +41,7 @@ def passkey(tokenizer, target_tokens: int, seed: int) -> LongContextExample:
     key = str(rng.randint(10000, 99999))
     needle = f"The pass key is {key}. Remember it. {key} is the pass key."
     prompt = _fill(tokenizer, [needle], "What is the pass key? The pass key is", target_tokens, rng)
-    return LongContextExample("passkey", prompt, (key,))
+    return LongContextExample("passkey", prompt, (key,), max_new_tokens=8)
 
 
 def multikey_needle(tokenizer, target_tokens: int, seed: int, keys: int = 4) -> LongContextExample:
@@ -50,7 +51,8 @@ def multikey_needle(tokenizer, target_tokens: int, seed: int, keys: int = 4) -> 
     needles = [f"One of the special magic numbers for {w} is: {v}." for w, v in zip(words, values, strict=True)]
     asked = rng.randrange(keys)
     question = f"What is the special magic number for {words[asked]}? The special magic number for {words[asked]} is:"
-    return LongContextExample("multikey_needle", _fill(tokenizer, needles, question, target_tokens, rng), (values[asked],))
+    return LongContextExample("multikey_needle", _fill(tokenizer, needles, question, target_tokens, rng), (values[asked],),
+                              max_new_tokens=12)
 
 
 def variable_tracking(tokenizer, target_tokens: int, seed: int, hops: int = 3) -> LongContextExample:
@@ -67,7 +69,7 @@ def variable_tracking(tokenizer, target_tokens: int, seed: int, hops: int = 3) -
     parts = [FILLER] * (len(body) // len(FILLER))
     for offset, (pos, needle) in enumerate(zip(cut, needles, strict=True)):
         parts.insert(pos + offset, needle + " ")
-    return LongContextExample("variable_tracking", "".join(parts) + q, tuple(names))
+    return LongContextExample("variable_tracking", "".join(parts) + q, tuple(names), max_new_tokens=32)
 
 
 TASKS = {"passkey": passkey, "multikey_needle": multikey_needle, "variable_tracking": variable_tracking}

@@ -48,3 +48,35 @@ def sparse_perplexity(
         nll += F.cross_entropy(logits[0, :-1].float(), ids[0, 1:], reduction="sum").item()
         count += ids.shape[1] - 1
     return math.exp(nll / count)
+
+
+def decode_perplexity(
+    model: torch.nn.Module,
+    chunks: TokenChunks,
+    make_cache,
+    *,
+    prefix: int = 256,
+    progress: bool = True,
+    desc: str = "decode perplexity",
+) -> float:
+    """Perplexity of each chunk's tokens after the first ``prefix``, fed one decode step at a time.
+
+    The prefix is prefilled into ``make_cache()`` (dense unless the cache says otherwise); every later
+    token is one decode step through the cache, so what decoding-only options change (prediction
+    interval, neighbour fetching, eviction) shows up here, which teacher-forced perplexity cannot show.
+    """
+    device = next(model.parameters()).device
+    nll, count = 0.0, 0
+    for i in tqdm(range(len(chunks)), desc=desc, disable=not progress, leave=False):
+        ids = chunks[i]["input_ids"][None].to(device)  # [1, T]
+        if not 0 < prefix < ids.shape[1] - 1:
+            raise ValueError(f"prefix={prefix} must leave tokens to decode in chunks of {ids.shape[1]}")
+        cache = make_cache()
+        with torch.no_grad():
+            logits = model(input_ids=ids[:, :prefix], past_key_values=cache).logits[:, -1]  # [1, V]
+            for t in range(prefix, ids.shape[1]):
+                nll += F.cross_entropy(logits.float(), ids[:, t], reduction="sum").item()
+                count += 1
+                if t + 1 < ids.shape[1]:
+                    logits = model(input_ids=ids[:, t : t + 1], past_key_values=cache).logits[:, -1]
+    return math.exp(nll / count)

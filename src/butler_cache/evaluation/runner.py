@@ -7,8 +7,9 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
-from ..cache import ButlerCache
+from ..cache import ACTIVE_LAYER, ButlerCache, ButlerLayer
 from ..predictor import ButlerPredictor
 from .coref import CorefExample
 from .longctx import LongContextExample
@@ -71,8 +72,70 @@ def coref_generation(model, tokenizer, examples: list[CorefExample], make_cache:
     return {"exact_match": hits / len(examples)}
 
 
-def longctx_accuracy(model, tokenizer, examples: list[LongContextExample], make_cache: CacheFactory,
+def shares_dense_prefill(cache) -> bool:
+    """Whether ``cache`` would prefill densely and keep nothing but K/V from it (so one dense prefill can
+    be copied into it): plain dynamic caches, and ButlerCaches of stateless policies without a stateful
+    predictor or sparse prefill."""
+    layers_ok = all(type(layer) in (DynamicLayer, ButlerLayer) for layer in cache.layers)
+    if isinstance(cache, ButlerCache):
+        s = cache.settings
+        return layers_ok and not s.policy.stateful and not s.sparse_prefill and cache.predictor_state is None
+    return layers_ok and type(cache) is DynamicCache
+
+
+def copy_prefill(source: DynamicCache, cache):
+    """Fill an empty ``cache`` with the K/V of ``source`` (ButlerLayers derive their importance keys)."""
+    for target, layer in zip(cache.layers, source.layers, strict=True):
+        target.update(layer.keys, layer.values)  # both layer types copy on update
+    ACTIVE_LAYER.set(None)
+    return cache
+
+
+def greedy_continue(model, cache, first_token: torch.Tensor, max_new_tokens: int, eos_token_id) -> list[int]:
+    """Greedy decoding of one sequence from a prefilled ``cache``; ``first_token`` ``[1, 1]`` came from the prefill."""
+    eos = set(eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]) - {None}
+    tokens, token = [first_token.item()], first_token
+    while len(tokens) < max_new_tokens and tokens[-1] not in eos:
+        with torch.no_grad():
+            token = model(input_ids=token, past_key_values=cache).logits[:, -1:].argmax(-1)
+        tokens.append(token.item())
+    return tokens
+
+
+def generate_answers_shared(model, tokenizer, prompts: list[str], factories: dict[str, CacheFactory],
+                            max_new_tokens: int, progress: bool = True, desc: str = "generate") -> dict[str, list[str]]:
+    """Greedy answers of every cache in ``factories`` to every prompt, one dense prefill per prompt.
+
+    Caches that prefill densely and keep only K/V (`shares_dense_prefill`) decode from a copy of that
+    prefill, which gives what ``model.generate`` gives them; the others (H2O, SnapKV, attentive
+    predictors) run ``model.generate`` from scratch.
+    """
+    device = next(model.parameters()).device
+    eos = model.generation_config.eos_token_id  # what model.generate stops at
+    shared = {name for name, make in factories.items() if shares_dense_prefill(make())}
+    answers: dict[str, list[str]] = {name: [] for name in factories}
+    for prompt in tqdm(prompts, desc=desc, disable=not progress, leave=False):
+        inputs = tokenizer(prompt, return_tensors="pt").to(device)
+        if shared:
+            prefill = DynamicCache(config=model.config)
+            with torch.no_grad():
+                first = model(**inputs, past_key_values=prefill).logits[:, -1:].argmax(-1)  # [1, 1]
+        for name, make in factories.items():
+            if name in shared:
+                tokens = greedy_continue(model, copy_prefill(prefill, make()), first, max_new_tokens, eos)
+                answers[name].append(tokenizer.decode(tokens, skip_special_tokens=True))
+            else:
+                answers[name] += generate_answers(model, tokenizer, [prompt], make, max_new_tokens, progress=False)
+    return answers
+
+
+def longctx_accuracy(model, tokenizer, examples: list[LongContextExample], factories: dict[str, CacheFactory],
                      progress: bool = True) -> dict[str, float]:
-    answers = generate_answers(model, tokenizer, [ex.prompt for ex in examples], make_cache, max_new_tokens=24,
-                               progress=progress, desc=examples[0].task if examples else "longctx")
-    return {"accuracy": sum(ex.is_correct(a) for a, ex in zip(answers, examples, strict=True)) / len(examples)}
+    """Accuracy of each cache in ``factories`` (decoding the answers greedily) on ``examples``."""
+    if not examples:
+        return dict.fromkeys(factories, float("nan"))
+    answers = generate_answers_shared(model, tokenizer, [ex.prompt for ex in examples], factories,
+                                      max_new_tokens=examples[0].max_new_tokens, progress=progress,
+                                      desc=f"{examples[0].task}")
+    return {name: sum(ex.is_correct(a) for a, ex in zip(out, examples, strict=True)) / len(examples)
+            for name, out in answers.items()}

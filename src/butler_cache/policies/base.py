@@ -23,6 +23,7 @@ class ScoringInputs:
     valid: torch.Tensor  # [B or 1, 1 or H_kv, T, L] bool, keys each query row may see
     scaling: float  # the model's softmax scale
     layer: ButlerLayer  # the cache layer (predictor state lives there)
+    all_valid: bool = False  # known on the host: every query row may see every key (``valid`` all True)
 
     @property
     def num_key_value_heads(self) -> int:
@@ -59,15 +60,19 @@ class SelectionPolicy:
         return f"{type(self).__name__}()"
 
 
-def group_max_probabilities(logits: torch.Tensor, valid: torch.Tensor, num_key_value_heads: int) -> torch.Tensor:
+def group_max_probabilities(logits: torch.Tensor, valid: torch.Tensor | None, num_key_value_heads: int) -> torch.Tensor:
     """Per-head softmax over the valid keys, then the max over each GQA group.
 
-    ``logits``: ``[B, HQ, T, L]``; ``valid``: broadcastable ``[B, 1, T, L]``. Returns ``[B, H_kv, T, L]``.
+    ``logits``: ``[B, HQ, T, L]``; ``valid``: broadcastable ``[B, 1, T, L]``, or None when every key is
+    valid for every row (skips the masking). Returns ``[B, H_kv, T, L]``.
     A key matters to the group if it matters to any of its heads; probabilities (not logits) are
     compared so that heads with different softmax normalisers are on one scale.
     """
     B, HQ, T, L = logits.shape
-    probs = torch.softmax(upcast(logits).masked_fill(~valid, float("-inf")), dim=-1).nan_to_num(0.0)
+    if valid is None:
+        probs = torch.softmax(upcast(logits), dim=-1)
+    else:
+        probs = torch.softmax(upcast(logits).masked_fill(~valid, float("-inf")), dim=-1).nan_to_num(0.0)
     return probs.view(B, num_key_value_heads, HQ // num_key_value_heads, T, L).amax(dim=2)
 
 

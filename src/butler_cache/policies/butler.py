@@ -39,4 +39,5 @@ class ButlerPolicy(SelectionPolicy):
 
             return score_decode(queries, keys, layer.predictor.config.score_scale)  # log of the same scores
         logits = layer.predictor.score_logits(queries, keys)  # [B, HQ, T, L]
-        return group_max_probabilities(logits, inputs.valid, inputs.num_key_value_heads)
+        valid = None if inputs.all_valid else inputs.valid
+        return group_max_probabilities(logits, valid, inputs.num_key_value_heads)

@@ -41,6 +41,7 @@ class TrainRecipe:
     logging_steps: int = 10
     seed: int = 0
     resume: bool = False
+    init_from: str | None = None
     max_minutes: float | None = None
     extra: dict = field(default_factory=dict)
 
@@ -50,6 +51,25 @@ class TrainRecipe:
             importance_dim=self.importance_dim, intermediate_size=self.intermediate_size,
             attentive_hidden_size=self.attentive_hidden_size, attentive_num_heads=self.attentive_num_heads,
         )
+
+
+def _initial_predictor(recipe: TrainRecipe, model) -> ButlerPredictor:
+    """A fresh predictor, or (``recipe.init_from``) a trained one to continue from, checked against ``model``."""
+    if recipe.init_from is None:
+        return ButlerPredictor(recipe.predictor_config(model))
+    predictor = ButlerPredictor.from_pretrained(recipe.init_from).train()
+    predictor.check_compatible(model)
+    wanted = recipe.predictor_config(model)
+    for name in ("predictor_type", "layer_stride", "importance_dim", "intermediate_size"):
+        if getattr(predictor.config, name) != getattr(wanted, name):
+            raise ValueError(
+                f"--init-from {recipe.init_from} holds a predictor with {name}={getattr(predictor.config, name)!r}, "
+                f"but the recipe asks for {name}={getattr(wanted, name)!r}; pass the same sizes or drop --init-from"
+            )
+    # the saved config records the whole history: this recipe plus the one it continued
+    recipe.extra["continued_from"] = predictor.config.training or {}
+    predictor.config.training = {}
+    return predictor
 
 
 def train_predictor(recipe: TrainRecipe, model=None, tokenizer=None) -> ButlerPredictor:
@@ -63,7 +83,7 @@ def train_predictor(recipe: TrainRecipe, model=None, tokenizer=None) -> ButlerPr
     if model is None:
         model, tokenizer = load_model(recipe.model)
     torch.manual_seed(recipe.seed)
-    predictor = ButlerPredictor(recipe.predictor_config(model))
+    predictor = _initial_predictor(recipe, model)
     chunks = TokenChunks.from_source(recipe.data, tokenizer, recipe.seq_len, max_chunks=recipe.max_chunks)
     distil = DistillationModel(model, predictor, loss=recipe.loss, block_size=recipe.block_size)
     output = Path(recipe.output)

@@ -1,0 +1,110 @@
+"""Prediction interval and neighbour fetching: decode speed and accuracy side by side, in one run.
+
+    python benchmarks/prediction_interval.py --context 8192 --fraction 16 --intervals 1,2,4,8 \
+        --text ../shared/data/wikitext-2/test.txt --chunks 2
+
+Speed: SmolLM2-135M-Instruct, a random prompt of ``--context`` tokens prefilled once, then each
+configuration decodes ``--steps`` tokens from a copy (median ms per step, as `decode_cpu.py`).
+Accuracy: decode-mode perplexity on ``--chunks`` chunks of 1024 tokens of ``--text``: 256 tokens
+prefilled, the other 768 fed one decode step at a time through the cache with a ``--budget``-token
+budget, so that reusing a prediction over several steps is what is measured.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+# keep this folder off the import path (benchmarks/kernels.py would shadow the Hub package `kernels`)
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+
+import argparse
+import json
+
+import torch
+from transformers import DynamicCache
+
+from butler_cache import ButlerCache, ButlerPredictor, default_predictor_path
+from butler_cache.default_model import load_default_model
+from butler_cache.evaluation import decode_perplexity
+from butler_cache.training.data import TokenChunks
+
+
+def _decode_cpu():
+    spec = importlib.util.spec_from_file_location("decode_cpu", HERE / "decode_cpu.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--context", type=int, default=8192)
+    parser.add_argument("--fraction", type=int, default=16, help="speed: budget = context / fraction")
+    parser.add_argument("--intervals", default="1,2,4,8")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--text", default=None, help="text file for the accuracy part (skipped without it)")
+    parser.add_argument("--chunks", type=int, default=2)
+    parser.add_argument("--budget", type=int, default=128, help="accuracy: tokens attended per KV head")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+
+    bench = _decode_cpu()
+    torch.manual_seed(0)
+    model, tokenizer = load_default_model()
+    predictor = ButlerPredictor.from_pretrained(default_predictor_path())
+    configs = [(n, False) for n in map(int, args.intervals.split(","))]
+    configs += [(n, True) for n, _ in configs if n > 1]
+
+    def butler(budget: int, interval: int, neighbours: bool) -> ButlerCache:
+        return ButlerCache(model, predictor, token_budget=budget, prediction_interval=interval,
+                           neighbor_fetch=neighbours, backend="torch")
+
+    def name(interval: int, neighbours: bool) -> str:
+        return f"butler, interval {interval}" + (" + neighbours" if neighbours else "")
+
+    rows = []
+    ids = torch.randint(100, 40000, (1, args.context), generator=torch.Generator().manual_seed(args.context))
+    prefilled = DynamicCache(config=model.config)
+    with torch.no_grad():
+        first = model(input_ids=ids, past_key_values=prefilled).logits[:, -1:].argmax(-1)
+    dense_ms, _ = bench.time_decode(model, bench.copy_into(DynamicCache(config=model.config), prefilled), first, args.steps)
+    speed = {"dense": dense_ms}
+    for interval, neighbours in configs:
+        cache = bench.copy_into(butler(args.context // args.fraction, interval, neighbours), prefilled)
+        speed[name(interval, neighbours)] = bench.time_decode(model, cache, first, args.steps)[0]
+        print(f"{name(interval, neighbours)}: {speed[name(interval, neighbours)]:.1f} ms / step")
+
+    quality = {}
+    if args.text:
+        text = Path(args.text).read_text()
+        chunks = TokenChunks.from_texts([text], tokenizer, 1024, max_chunks=args.chunks)
+        makers = {"dense": lambda: DynamicCache(config=model.config),
+                  "oracle": lambda: ButlerCache(model, policy="oracle", token_budget=args.budget)}
+        makers.update({name(i, nb): (lambda i=i, nb=nb: butler(args.budget, i, nb)) for i, nb in configs})
+        for label, make in makers.items():
+            quality[label] = decode_perplexity(model, chunks, make, prefix=256, desc=label)
+            print(f"{label}: decode perplexity {quality[label]:.3f}")
+
+    for label in speed.keys() | quality.keys():
+        rows.append({"config": label, "ms_per_step": speed.get(label), "ratio": speed[label] / dense_ms if label in speed else None,
+                     "decode_perplexity": quality.get(label)})
+    order = ["dense", "oracle"] + [name(i, nb) for i, nb in configs]
+    rows.sort(key=lambda r: order.index(r["config"]))
+    print(f"\ncontext {args.context}, budget 1/{args.fraction} (speed); budget {args.budget} tokens, "
+          f"{args.chunks} x 1024-token chunks (decode perplexity)\n")
+    print("| configuration | ms / decode step | vs dense | decode perplexity |")
+    print("|---|---|---|---|")
+    for r in rows:
+        ms = f"{r['ms_per_step']:.1f}" if r["ms_per_step"] is not None else "-"
+        ratio = f"{r['ratio']:.2f}" if r["ratio"] is not None else "-"
+        ppl = f"{r['decode_perplexity']:.3f}" if r["decode_perplexity"] is not None else "-"
+        print(f"| {r['config']} | {ms} | {ratio} | {ppl} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""Sparse decode attention in PyTorch, for CPUs: one query row per sequence, K/V rows gathered once.
+
+The reference (`naive.py`) gathers with `torch.gather` over an index expanded to every element and
+runs 5-D einsums; on one decode row per layer those generic paths cost more than the attention.
+Here each selected row is copied whole (`index_select` over a row view of the cache, which works on
+the prefix views `ButlerLayer` keeps) and the group's query heads share one matmul per KV head.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def gather_rows(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """``x[b, h, indices[b, h, s], :]`` for ``x`` ``[B, H, L, D]`` and ``indices`` ``[B, H, S]`` -> ``[B, H, S, D]``.
+
+    Equal to ``x.gather(2, indices[..., None].expand(..., D))``; copies whole rows when ``x``'s rows
+    are contiguous and its batch/head strides are whole rows (any prefix view of a contiguous tensor).
+    """
+    B, H, L, D = x.shape
+    S = indices.shape[-1]
+    s_b, s_h, s_l, s_d = x.stride()
+    if s_d != 1 or s_l < D or s_b % s_l or s_h % s_l:
+        return x.gather(2, indices[..., None].expand(B, H, S, D))
+    rows = ((B - 1) * s_b + (H - 1) * s_h) // s_l + L  # rows of the view below that the indices can reach
+    row_view = torch.as_strided(x, (rows, D), (s_l, 1))  # row r starts at x's offset + r * s_l
+    first_row = (torch.arange(B, device=x.device)[:, None] * s_b + torch.arange(H, device=x.device) * s_h) // s_l
+    flat = (indices + first_row[:, :, None]).reshape(-1)  # [B * H * S]
+    return row_view.index_select(0, flat).view(B, H, S, D)
+
+
+def sparse_decode_attention_torch(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    indices: torch.Tensor,
+    keep: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """`sparse_attention_naive` for one query row (``T == 1``); same shapes, same result up to rounding.
+
+    ``keep=None`` means every slot is kept (the common decode case, which skips the masking).
+    """
+    B, HQ, T, K = query.shape
+    if T != 1:
+        raise ValueError(f"sparse_decode_attention_torch serves one query row per sequence, got {T}")
+    H, V = key.shape[1], value.shape[-1]
+    G, S = HQ // H, indices.shape[-1]
+    acc = torch.promote_types(query.dtype, torch.float32)
+    idx = indices.reshape(B, H, S)
+    k_sel = gather_rows(key, idx).to(acc)  # [B, H, S, K]
+    v_sel = gather_rows(value, idx).to(acc)  # [B, H, S, V]
+    q = query.reshape(B, H, G, K).to(acc)
+    logits = torch.matmul(q, k_sel.transpose(-1, -2)) * scale  # [B, H, G, S]
+    if keep is not None:
+        logits = logits.masked_fill(~keep.reshape(B, H, 1, S), float("-inf"))
+        probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # all-masked rows -> zeros
+    else:
+        probs = torch.softmax(logits, dim=-1)
+    out = torch.matmul(probs, v_sel)  # [B, H, G, V]
+    return out.reshape(B, 1, HQ, V).to(query.dtype)

@@ -1,0 +1,53 @@
+"""Appending to a cache tensor along the token axis without copying the whole cache every step.
+
+`DynamicLayer` grows its keys and values with ``torch.cat``, which reads and rewrites the whole cache
+at every decode step: at 8k tokens that copy moves more bytes than a sparse step reads. `append_rows`
+keeps a larger *storage* tensor and hands out a prefix view of it; a step writes only its new rows,
+and the storage is reallocated (copied once) when it is full.
+
+Views handed out earlier stay valid: rows are only ever written past the live length, except after a
+`crop`, which (as in `DynamicLayer`) gives up the cropped rows.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# spare rows allocated on top of what is needed: at least this many, and at least 1/8 of the length,
+# so that reallocation copies amortise to a few rows per appended token.
+MIN_SPARE_ROWS = 256
+SPARE_FRACTION = 8
+
+
+def _is_prefix_view(current: torch.Tensor, storage: torch.Tensor) -> bool:
+    """Whether ``current`` is ``storage[..., :n, :]`` for its own ``n`` (same memory, same layout)."""
+    return (
+        current.data_ptr() == storage.data_ptr()
+        and current.device == storage.device
+        and current.dtype == storage.dtype
+        and current.shape[:-2] == storage.shape[:-2]
+        and current.shape[-1] == storage.shape[-1]
+        and current.stride() == storage.stride()
+    )
+
+
+def append_rows(
+    current: torch.Tensor | None, storage: torch.Tensor | None, new: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Append ``new`` ``[..., T, D]`` to ``current`` ``[..., L, D]`` along dim -2.
+
+    Returns ``(view, storage)``: ``view`` is ``[..., L + T, D]``, equal to ``torch.cat([current, new], -2)``,
+    and a prefix view of ``storage``, to pass back on the next call. ``current`` that is not a prefix view
+    of ``storage`` (a cache operation replaced it) starts a new storage.
+    """
+    if current is None or current.numel() == 0:  # DynamicLayer starts from an empty 1-D tensor
+        current = new[..., :0, :]
+    length, added = current.shape[-2], new.shape[-2]
+    needed = length + added
+    if storage is None or not _is_prefix_view(current, storage) or storage.shape[-2] < needed:
+        capacity = needed + max(MIN_SPARE_ROWS, needed // SPARE_FRACTION)
+        grown = new.new_empty((*new.shape[:-2], capacity, new.shape[-1]))
+        grown[..., :length, :] = current
+        storage = grown
+    storage[..., length:needed, :] = new
+    return storage[..., :needed, :], storage

@@ -1,0 +1,67 @@
+"""`append_rows` (the cache's copy-free growth) against `torch.cat`, through appends, crops and replacements."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from butler_cache.growth import MIN_SPARE_ROWS, append_rows
+
+# one operation: ("append", rows) | ("crop", rows) | ("replace",) (a cache op that swaps the tensor)
+operations = st.lists(
+    st.one_of(
+        st.tuples(st.just("append"), st.integers(1, 300)),
+        st.tuples(st.just("crop"), st.integers(1, 40)),
+        st.tuples(st.just("replace")),
+    ),
+    min_size=1,
+    max_size=25,
+)
+
+
+@given(ops=operations, batch=st.integers(1, 3), heads=st.integers(1, 3), dim=st.sampled_from([1, 4, 16]))
+def test_append_rows_equals_cat(ops, batch, heads, dim):
+    gen = torch.Generator().manual_seed(len(ops))
+    expected = torch.empty(0)  # DynamicLayer starts from an empty 1-D tensor
+    view, storage = torch.empty(0), None
+    earlier = []  # (view handed out, its values then): appends must never change them
+    for op in ops:
+        if op[0] == "append":
+            new = torch.randn(batch, heads, op[1], dim, generator=gen)
+            expected = new if expected.numel() == 0 else torch.cat([expected, new], dim=-2)
+            view, storage = append_rows(view, storage, new)
+            earlier.append((view, view.clone()))
+        elif op[0] == "crop" and expected.numel() and op[1] < expected.shape[-2]:
+            expected, view = expected[..., : -op[1], :], view[..., : -op[1], :]
+            earlier.clear()  # cropping gives up the cropped rows, as DynamicLayer's crop does
+        elif op[0] == "replace" and expected.numel():
+            view = view.index_select(0, torch.arange(view.shape[0]))  # like reorder_cache
+        if expected.numel():
+            assert torch.equal(view, expected)
+            assert storage.shape[-2] >= view.shape[-2]
+        for handed_out, values in earlier:
+            assert torch.equal(handed_out, values)
+
+
+def test_append_rows_reuses_storage_until_full():
+    first = torch.randn(1, 2, 10, 4)
+    view, storage = append_rows(None, None, first)
+    capacity = storage.shape[-2]
+    assert capacity == 10 + MIN_SPARE_ROWS
+    for step in range(capacity - 10):
+        view, again = append_rows(view, storage, torch.randn(1, 2, 1, 4))
+        assert again is storage, f"reallocated at step {step} with spare rows left"
+    assert view.data_ptr() == storage.data_ptr()
+    view, grown = append_rows(view, storage, torch.randn(1, 2, 1, 4))
+    assert grown is not storage and grown.shape[-2] > capacity
+    assert torch.equal(view[..., :10, :], first)
+
+
+def test_append_rows_starts_over_when_the_view_was_replaced():
+    view, storage = append_rows(None, None, torch.randn(2, 1, 5, 3))
+    replaced = view.flip(0).contiguous()  # what batch_select / reorder leave behind
+    new = torch.randn(2, 1, 1, 3)
+    out, fresh = append_rows(replaced, storage, new)
+    assert fresh is not storage
+    assert torch.equal(out, torch.cat([replaced, new], dim=-2))
