@@ -68,7 +68,7 @@ def _word_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", bos_token="[BOS]", eos_token="[EOS]")
 
 
-def test_train_command_writes_a_loadable_predictor(tmp_path):
+def test_train_command_writes_a_loadable_predictor(tmp_path, capsys):
     words = "the cat sat on a mat while the dog ran to the park and back again".split()
     text = " ".join(words[i % len(words)] for i in range(600))
     (tmp_path / "train.txt").write_text(text)
@@ -90,6 +90,19 @@ def test_train_command_writes_a_loadable_predictor(tmp_path):
                      str(out), "--seq-len", "32", "--steps", "4", "--layer-stride", "2", "--importance-dim", "8",
                      "--intermediate-size", "16", "--resume"])
     assert code == 0 and ButlerPredictor.from_pretrained(out).config.training["steps_done"] == 4
+    # continues a trained predictor with a fresh schedule, recording what it continued
+    base = ["train", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "train.txt"), "--seq-len", "32",
+            "--layer-stride", "2", "--importance-dim", "8", "--init-from", str(out)]
+    start = ButlerPredictor.from_pretrained(out).state_dict()
+    assert cli.main([*base, "--intermediate-size", "16", "--steps", "2", "--learning-rate", "0",
+                     "--output", str(tmp_path / "continued")]) == 0
+    continued = ButlerPredictor.from_pretrained(tmp_path / "continued")
+    assert continued.config.training["continued_from"]["steps_done"] == 4
+    for name, tensor in continued.state_dict().items():  # learning rate 0: the weights it started from
+        assert torch.equal(tensor, start[name]), name
+    capsys.readouterr()
+    assert cli.main([*base, "--intermediate-size", "32", "--steps", "1", "--output", str(tmp_path / "bad")]) == 2
+    assert "intermediate_size=16" in capsys.readouterr().err
 
 
 def test_policy_hits_of_the_oracle_are_perfect_and_baselines_are_not():
