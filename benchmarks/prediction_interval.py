@@ -5,9 +5,9 @@
 
 Speed: SmolLM2-135M-Instruct, a random prompt of ``--context`` tokens prefilled once, then each
 configuration decodes ``--steps`` tokens from a copy (median ms per step, as `decode_cpu.py`).
-Accuracy: decode-mode perplexity on ``--chunks`` chunks of 1024 tokens of ``--text``: 256 tokens
-prefilled, the other 768 fed one decode step at a time through the cache with a ``--budget``-token
-budget, so that reusing a prediction over several steps is what is measured.
+Accuracy: decode-mode perplexity on ``--chunks`` chunks of ``--seq-len`` (1024) tokens of ``--text``:
+the first quarter prefilled, the rest fed one decode step at a time through the cache with a
+``--budget``-token budget, so that reusing a prediction over several steps is what is measured.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--text", default=None, help="text file for the accuracy part (skipped without it)")
     parser.add_argument("--chunks", type=int, default=2)
+    parser.add_argument("--seq-len", type=int, default=1024, help="accuracy: chunk length (the first quarter is prefilled)")
     parser.add_argument("--budget", type=int, default=128, help="accuracy: tokens attended per KV head")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -80,12 +81,12 @@ def main() -> None:
     quality = {}
     if args.text:
         text = Path(args.text).read_text()
-        chunks = TokenChunks.from_texts([text], tokenizer, 1024, max_chunks=args.chunks)
+        chunks = TokenChunks.from_texts([text], tokenizer, args.seq_len, max_chunks=args.chunks)
         makers = {"dense": lambda: DynamicCache(config=model.config),
                   "oracle": lambda: ButlerCache(model, policy="oracle", token_budget=args.budget)}
         makers.update({name(i, nb): (lambda i=i, nb=nb: butler(args.budget, i, nb)) for i, nb in configs})
         for label, make in makers.items():
-            quality[label] = decode_perplexity(model, chunks, make, prefix=256, desc=label)
+            quality[label] = decode_perplexity(model, chunks, make, prefix=args.seq_len // 4, desc=label)
             print(f"{label}: decode perplexity {quality[label]:.3f}")
 
     for label in speed.keys() | quality.keys():
@@ -94,7 +95,7 @@ def main() -> None:
     order = ["dense", "oracle"] + [name(i, nb) for i, nb in configs]
     rows.sort(key=lambda r: order.index(r["config"]))
     print(f"\ncontext {args.context}, budget 1/{args.fraction} (speed); budget {args.budget} tokens, "
-          f"{args.chunks} x 1024-token chunks (decode perplexity)\n")
+          f"{args.chunks} x {args.seq_len}-token chunks (decode perplexity)\n")
     print("| configuration | ms / decode step | vs dense | decode perplexity |")
     print("|---|---|---|---|")
     for r in rows:

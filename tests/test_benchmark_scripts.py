@@ -18,3 +18,23 @@ def test_kernels_benchmark_dry_run(tmp_path):
     report = json.loads((tmp_path / "k.json").read_text())
     assert report["copy_GBps"] > 0 and report["attention"][0]["ideal_speedup"] > 1
     assert report["end_to_end"][0]["butler_seconds"] > 0
+
+
+def _run_script(name: str, *args: str) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), *args], check=True, env=env,
+                   capture_output=True, timeout=900)
+
+
+def test_cpu_benchmarks_run_on_the_default_model(tmp_path):
+    """decode_cpu.py and prediction_interval.py end to end at toy sizes (their numbers mean nothing here)."""
+    _run_script("decode_cpu.py", "--contexts", "96", "--fractions", "2", "--steps", "2", "--json", str(tmp_path / "d.json"))
+    rows = json.loads((tmp_path / "d.json").read_text())
+    assert [r["config"] for r in rows] == ["dense (DynamicCache)", "dense (StaticCache)", "butler 1/2"]
+    (tmp_path / "text.txt").write_text(" ".join(f"word{i % 50} is here." for i in range(200)))
+    _run_script("prediction_interval.py", "--context", "96", "--fraction", "2", "--intervals", "1,2", "--steps", "2",
+                "--text", str(tmp_path / "text.txt"), "--chunks", "1", "--seq-len", "48", "--budget", "24",
+                "--json", str(tmp_path / "p.json"))
+    rows = {r["config"]: r for r in json.loads((tmp_path / "p.json").read_text())}
+    assert set(rows) == {"dense", "oracle", "butler, interval 1", "butler, interval 2", "butler, interval 2 + neighbours"}
+    assert all(r["decode_perplexity"] > 1 for r in rows.values())
