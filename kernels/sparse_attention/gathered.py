@@ -11,6 +11,18 @@ from __future__ import annotations
 import torch
 
 
+def _row_view(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``x`` ``[B, H, L, D]`` as a 2-D ``[rows, D]`` view over its memory and the first row of each (b, h),
+    ``[B, H]``; None when its rows are not whole, evenly placed rows of one tensor."""
+    B, H, L, D = x.shape
+    s_b, s_h, s_l, s_d = x.stride()
+    if s_d != 1 or s_l < D or s_b % s_l or s_h % s_l:
+        return None
+    rows = ((B - 1) * s_b + (H - 1) * s_h) // s_l + L  # rows of the view that the indices can reach
+    first_row = (torch.arange(B, device=x.device)[:, None] * s_b + torch.arange(H, device=x.device) * s_h) // s_l
+    return torch.as_strided(x, (rows, D), (s_l, 1)), first_row  # row r starts at x's offset + r * s_l
+
+
 def gather_rows(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """``x[b, h, indices[b, h, s], :]`` for ``x`` ``[B, H, L, D]`` and ``indices`` ``[B, H, S]`` -> ``[B, H, S, D]``.
 
@@ -19,14 +31,11 @@ def gather_rows(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """
     B, H, L, D = x.shape
     S = indices.shape[-1]
-    s_b, s_h, s_l, s_d = x.stride()
-    if s_d != 1 or s_l < D or s_b % s_l or s_h % s_l:
+    view = _row_view(x)
+    if view is None:
         return x.gather(2, indices[..., None].expand(B, H, S, D))
-    rows = ((B - 1) * s_b + (H - 1) * s_h) // s_l + L  # rows of the view below that the indices can reach
-    row_view = torch.as_strided(x, (rows, D), (s_l, 1))  # row r starts at x's offset + r * s_l
-    first_row = (torch.arange(B, device=x.device)[:, None] * s_b + torch.arange(H, device=x.device) * s_h) // s_l
-    flat = (indices + first_row[:, :, None]).reshape(-1)  # [B * H * S]
-    return row_view.index_select(0, flat).view(B, H, S, D)
+    rows, first_row = view
+    return rows.index_select(0, (indices + first_row[:, :, None]).reshape(-1)).view(B, H, S, D)
 
 
 def sparse_decode_attention_torch(
@@ -48,8 +57,13 @@ def sparse_decode_attention_torch(
     G, S = HQ // H, indices.shape[-1]
     acc = torch.promote_types(query.dtype, torch.float32)
     idx = indices.reshape(B, H, S)
-    k_sel = gather_rows(key, idx).to(acc)  # [B, H, S, K]
-    v_sel = gather_rows(value, idx).to(acc)  # [B, H, S, V]
+    k_rows, v_rows = _row_view(key), _row_view(value)
+    if k_rows is not None and v_rows is not None and key.stride() == value.stride():
+        flat = (idx + k_rows[1][:, :, None]).reshape(-1)  # one index for both: same layout
+        k_sel = k_rows[0].index_select(0, flat).view(B, H, S, K).to(acc)  # [B, H, S, K]
+        v_sel = v_rows[0].index_select(0, flat).view(B, H, S, V).to(acc)  # [B, H, S, V]
+    else:
+        k_sel, v_sel = gather_rows(key, idx).to(acc), gather_rows(value, idx).to(acc)
     q = query.reshape(B, H, G, K).to(acc)
     logits = torch.matmul(q, k_sel.transpose(-1, -2)) * scale  # [B, H, G, S]
     if keep is not None:

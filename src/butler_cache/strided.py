@@ -76,4 +76,4 @@ class StridedPredictor(ButlerPredictor):
     def keys_from_cache(self, layer_idx: int, key_states: torch.Tensor) -> torch.Tensor:
         """``[B, H_kv, T, head_dim]`` real keys -> ``[B, H_kv, T, d']`` projected keys."""
         weight = self.key_projections[self._slot_of_layer[layer_idx]]  # [H_kv, head_dim, d']
-        return torch.einsum("bhtd,hde->bhte", key_states.to(weight.dtype), weight)
+        return torch.matmul(key_states.to(weight.dtype), weight)  # [B, H_kv, T, D] @ [H_kv, D, d'] per head
