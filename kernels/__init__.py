@@ -54,15 +54,14 @@ def sparse_attention(
     ``keep=None``: every slot is kept. One query row (decoding) runs the Triton kernel or the PyTorch
     decode path (`sparse_decode_attention_torch`); several rows run the reference.
     """
-    decode = query.shape[2] == 1
-    if resolve_backend(backend, query.device) == "triton" and decode:
-        from .sparse_attention.decode import sparse_decode_attention
-
-        keep = torch.ones_like(indices, dtype=torch.bool) if keep is None else keep
-        return sparse_decode_attention(query, key, value, indices, keep, scale)
-    if decode:
+    decode, triton = query.shape[2] == 1, resolve_backend(backend, query.device) == "triton"
+    if decode and not triton:
         return sparse_decode_attention_torch(query, key, value, indices, keep, scale)
     keep = torch.ones_like(indices, dtype=torch.bool) if keep is None else keep
+    if decode:
+        from .sparse_attention.decode import sparse_decode_attention
+
+        return sparse_decode_attention(query, key, value, indices, keep, scale)
     return sparse_attention_naive(query, key, value, indices, keep, scale)
 
 

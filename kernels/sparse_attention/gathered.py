@@ -29,13 +29,21 @@ def gather_rows(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     Equal to ``x.gather(2, indices[..., None].expand(..., D))``; copies whole rows when ``x``'s rows
     are contiguous and its batch/head strides are whole rows (any prefix view of a contiguous tensor).
     """
-    B, H, L, D = x.shape
+    return _gather_rows_of((x,), indices)[0]
+
+
+def _gather_rows_of(tensors: tuple[torch.Tensor, ...], indices: torch.Tensor) -> list[torch.Tensor]:
+    """`gather_rows` of several ``[B, H, L, *]`` tensors; the row index is computed once when they share a layout."""
+    B, H, _, _ = tensors[0].shape
     S = indices.shape[-1]
-    view = _row_view(x)
-    if view is None:
-        return x.gather(2, indices[..., None].expand(B, H, S, D))
-    rows, first_row = view
-    return rows.index_select(0, (indices + first_row[:, :, None]).reshape(-1)).view(B, H, S, D)
+    views = [_row_view(x) for x in tensors]
+    if any(v is None for v in views) or len({x.stride() for x in tensors}) > 1:
+        if len(tensors) > 1:
+            return [gather_rows(x, indices) for x in tensors]
+        x = tensors[0]
+        return [x.gather(2, indices[..., None].expand(B, H, S, x.shape[-1]))]
+    flat = (indices + views[0][1][:, :, None]).reshape(-1)  # [B * H * S] rows of the 2-D views
+    return [rows.index_select(0, flat).view(B, H, S, x.shape[-1]) for (rows, _), x in zip(views, tensors, strict=True)]
 
 
 def sparse_decode_attention_torch(
@@ -57,13 +65,7 @@ def sparse_decode_attention_torch(
     G, S = HQ // H, indices.shape[-1]
     acc = torch.promote_types(query.dtype, torch.float32)
     idx = indices.reshape(B, H, S)
-    k_rows, v_rows = _row_view(key), _row_view(value)
-    if k_rows is not None and v_rows is not None and key.stride() == value.stride():
-        flat = (idx + k_rows[1][:, :, None]).reshape(-1)  # one index for both: same layout
-        k_sel = k_rows[0].index_select(0, flat).view(B, H, S, K).to(acc)  # [B, H, S, K]
-        v_sel = v_rows[0].index_select(0, flat).view(B, H, S, V).to(acc)  # [B, H, S, V]
-    else:
-        k_sel, v_sel = gather_rows(key, idx).to(acc), gather_rows(value, idx).to(acc)
+    k_sel, v_sel = (t.to(acc) for t in _gather_rows_of((key, value), idx))  # [B, H, S, K], [B, H, S, V]
     q = query.reshape(B, H, G, K).to(acc)
     logits = torch.matmul(q, k_sel.transpose(-1, -2)) * scale  # [B, H, G, S]
     if keep is not None:

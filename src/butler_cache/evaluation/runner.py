@@ -136,6 +136,6 @@ def longctx_accuracy(model, tokenizer, examples: list[LongContextExample], facto
         return dict.fromkeys(factories, float("nan"))
     answers = generate_answers_shared(model, tokenizer, [ex.prompt for ex in examples], factories,
                                       max_new_tokens=examples[0].max_new_tokens, progress=progress,
-                                      desc=f"{examples[0].task}")
+                                      desc=examples[0].task)
     return {name: sum(ex.is_correct(a) for a, ex in zip(out, examples, strict=True)) / len(examples)
             for name, out in answers.items()}

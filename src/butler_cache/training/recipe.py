@@ -66,9 +66,6 @@ def _initial_predictor(recipe: TrainRecipe, model) -> ButlerPredictor:
                 f"--init-from {recipe.init_from} holds a predictor with {name}={getattr(predictor.config, name)!r}, "
                 f"but the recipe asks for {name}={getattr(wanted, name)!r}; pass the same sizes or drop --init-from"
             )
-    # the saved config records the whole history: this recipe plus the one it continued
-    recipe.extra["continued_from"] = predictor.config.training or {}
-    predictor.config.training = {}
     return predictor
 
 
@@ -84,6 +81,9 @@ def train_predictor(recipe: TrainRecipe, model=None, tokenizer=None) -> ButlerPr
         model, tokenizer = load_model(recipe.model)
     torch.manual_seed(recipe.seed)
     predictor = _initial_predictor(recipe, model)
+    # the saved config records the whole history: this recipe plus the one it continued
+    lineage = {"continued_from": predictor.config.training or {}} if recipe.init_from else {}
+    predictor.config.training = {}
     chunks = TokenChunks.from_source(recipe.data, tokenizer, recipe.seq_len, max_chunks=recipe.max_chunks)
     distil = DistillationModel(model, predictor, loss=recipe.loss, block_size=recipe.block_size)
     output = Path(recipe.output)
@@ -118,6 +118,7 @@ def train_predictor(recipe: TrainRecipe, model=None, tokenizer=None) -> ButlerPr
         predictor.config.training = {
             **{k: v for k, v in asdict(recipe).items() if k not in ("output", "resume", "extra")},
             **recipe.extra,
+            **lineage,
             "steps_done": trainer.state.global_step,
             "train_seconds": round(seconds, 1),
             "train_chunks": len(chunks),
