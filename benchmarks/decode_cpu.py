@@ -1,14 +1,16 @@
 """Decode-step time on the CPU: dense attention versus ButlerCache, side by side in one run.
 
-    python benchmarks/decode_cpu.py --contexts 2048,4096,8192 --fractions 4,8,16 --steps 12
+    python benchmarks/decode_cpu.py --contexts 2048,4096,8192 --fractions 4,8,16 --steps 6 --rounds 5
 
-For each context length the prompt is prefilled once (dense); every configuration then starts from a
-copy of that cache (ButlerCache layers compute their importance keys from the copied keys) and
-decodes ``--steps`` tokens. Two dense baselines: transformers' `DynamicCache` (the default of
-``generate``; it re-copies the whole cache with ``torch.cat`` at every step) and `StaticCache`
-(preallocated; attention runs over its whole length). Reported: median ms per decode step, the ratio
-to each dense baseline, and the share of the step spent in the predictor (importance queries,
-scoring and top-k selection).
+For each context length the prompt is prefilled once (dense); every configuration starts from a copy
+of that cache (ButlerCache layers compute their importance keys from the copied keys). The
+configurations then take turns: each round, every configuration decodes ``--steps`` tokens, so that
+drifts of the machine (memory bandwidth shared with other tenants, frequency) hit all of them alike.
+Two dense baselines: transformers' `DynamicCache` (the default of ``generate``; it re-copies the whole
+cache with ``torch.cat`` at every step) and `StaticCache` (preallocated; attention runs over its
+whole length). Reported: the median ms per decode step over all rounds; the ratio to each dense
+baseline as the median over rounds of the per-round ratio, with its range; and the share of the step
+spent in the predictor (importance queries, scoring and top-k selection).
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ import argparse
 import json
 import statistics
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
+from tqdm.auto import tqdm
 from transformers import DynamicCache, StaticCache
 
 from butler_cache import ButlerCache, ButlerPredictor, default_predictor_path
@@ -53,16 +56,18 @@ class Stopwatch:
 def predictor_timer(cache: ButlerCache):
     """Time spent producing importance queries and scoring + selecting (CPU: synchronous)."""
     watch = Stopwatch()
-    original_select = attention_module.select_tokens
+    selectors = {name: getattr(attention_module, name) for name in ("select_tokens", "select_decode_tokens")}
     original_score = cache.settings.policy.score
     original_produce = cache.on_layer_input
-    attention_module.select_tokens = watch.wrap(original_select)
+    for name, fn in selectors.items():
+        setattr(attention_module, name, watch.wrap(fn))
     cache.settings.policy.score = watch.wrap(original_score)
     cache.on_layer_input = watch.wrap(original_produce)
     try:
         yield watch
     finally:
-        attention_module.select_tokens = original_select
+        for name, fn in selectors.items():
+            setattr(attention_module, name, fn)
         del cache.settings.policy.score
         del cache.on_layer_input
 
@@ -87,11 +92,48 @@ def time_decode(model, cache, first_token, steps: int, watch: Stopwatch | None =
     return statistics.median(times) * 1e3, statistics.median(shares)
 
 
+def interleaved(model, caches: dict, first_token, steps: int, rounds: int, timed: set[str]) -> dict[str, list[list[float]]]:
+    """Decode with each cache in turn, ``steps`` tokens per cache per round: ``{name: [[ms per step] per round]}``
+    and, for the caches named in ``timed``, the predictor share of each step in ``{name + " share": ...}``."""
+    tokens = dict.fromkeys(caches, first_token)
+    times: dict[str, list[list[float]]] = {}
+    for _ in tqdm(range(rounds), desc="rounds", leave=False):
+        for name, cache in caches.items():
+            with predictor_timer(cache) if name in timed else nullcontext(None) as watch:
+                ms, share, tokens[name] = time_steps(model, cache, tokens[name], steps, watch)
+            times.setdefault(name, []).append(ms)
+            if name in timed:
+                times.setdefault(name + " share", []).append(share)
+    return times
+
+
+def time_steps(model, cache, token, steps: int, watch: Stopwatch | None):
+    """Per-step ms and predictor shares of ``steps`` decode steps, and the next token."""
+    ms, shares = [], []
+    for _ in range(steps):
+        before = watch.seconds if watch else 0.0
+        start = time.perf_counter()
+        with torch.no_grad():
+            logits = model(input_ids=token, past_key_values=cache).logits
+        elapsed = time.perf_counter() - start
+        ms.append(elapsed * 1e3)
+        shares.append(((watch.seconds - before) / elapsed) if watch else 0.0)
+        token = logits[:, -1:].argmax(-1)
+    return ms, shares, token
+
+
+def summarise(times: list[list[float]], baseline: list[list[float]]) -> tuple[float, float, float, float]:
+    """(median ms over all steps, median per-round ratio to ``baseline``, its min, its max)."""
+    ratios = [statistics.median(t) / statistics.median(b) for t, b in zip(times, baseline, strict=True)]
+    return statistics.median([x for t in times for x in t]), statistics.median(ratios), min(ratios), max(ratios)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--contexts", default="2048,4096,8192")
     parser.add_argument("--fractions", default="4,8,16", help="budgets as 1/N of the context")
-    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--steps", type=int, default=6, help="decode steps per configuration per round")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds in which the configurations take turns")
     parser.add_argument("--backend", default="torch")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -100,34 +142,40 @@ def main() -> None:
     model, _ = load_default_model()
     predictor = ButlerPredictor.from_pretrained(default_predictor_path())
     rows = []
-    print(f"threads: {torch.get_num_threads()}, steps per configuration: {args.steps} (median reported)")
+    print(f"threads: {torch.get_num_threads()}, {args.rounds} rounds x {args.steps} steps per configuration")
     for context in [int(c) for c in args.contexts.split(",")]:
         ids = torch.randint(100, 40000, (1, context), generator=torch.Generator().manual_seed(context))
         prefilled = DynamicCache(config=model.config)
         with torch.no_grad():
             logits = model(input_ids=ids, past_key_values=prefilled).logits
         first = logits[:, -1:].argmax(-1)
-        dense_ms, _ = time_decode(model, copy_into(DynamicCache(config=model.config), prefilled), first, args.steps)
-        static = StaticCache(config=model.config, max_cache_len=context + args.steps + 1)
-        static_ms, _ = time_decode(model, copy_into(static, prefilled), first, args.steps)
-        for name, ms in (("dense (DynamicCache)", dense_ms), ("dense (StaticCache)", static_ms)):
-            rows.append({"context": context, "config": name, "ms_per_step": ms, "ratio": ms / dense_ms,
-                         "ratio_static": ms / static_ms, "predictor_share": 0.0})
-            print(json.dumps(rows[-1]))
+        length = context + args.rounds * args.steps + 1
+        caches = {
+            "dense (DynamicCache)": copy_into(DynamicCache(config=model.config), prefilled),
+            "dense (StaticCache)": copy_into(StaticCache(config=model.config, max_cache_len=length), prefilled),
+        }
         for fraction in [int(f) for f in args.fractions.split(",")]:
-            cache = copy_into(ButlerCache(model, predictor, token_budget=context // fraction, backend=args.backend),
-                              prefilled)
-            with predictor_timer(cache) as watch:
-                ms, share = time_decode(model, cache, first, args.steps, watch)
-            rows.append({"context": context, "config": f"butler 1/{fraction}", "ms_per_step": ms,
-                         "ratio": ms / dense_ms, "ratio_static": ms / static_ms, "predictor_share": share})
+            butler = ButlerCache(model, predictor, token_budget=context // fraction, backend=args.backend)
+            caches[f"butler 1/{fraction}"] = copy_into(butler, prefilled)
+        timed = {name for name in caches if name.startswith("butler")}
+        times = interleaved(model, caches, first, args.steps, args.rounds, timed)
+        del caches
+        for name in (n for n in times if not n.endswith(" share")):
+            ms, ratio, low, high = summarise(times[name], times["dense (DynamicCache)"])
+            _, ratio_static, low_s, high_s = summarise(times[name], times["dense (StaticCache)"])
+            shares = [x for t in times.get(name + " share", [[0.0]]) for x in t]
+            rows.append({"context": context, "config": name, "ms_per_step": ms, "ratio": ratio,
+                         "ratio_range": [low, high], "ratio_static": ratio_static,
+                         "ratio_static_range": [low_s, high_s], "predictor_share": statistics.median(shares)})
             print(json.dumps(rows[-1]))
     print()
-    print("| context | configuration | ms / decode step | vs dense (DynamicCache) | vs dense (StaticCache) | predictor share |")
+    print("| context | configuration | ms / decode step | vs dense (DynamicCache) [range over rounds] "
+          "| vs dense (StaticCache) [range] | predictor share |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['context']} | {r['config']} | {r['ms_per_step']:.1f} | {r['ratio']:.2f} | {r['ratio_static']:.2f} "
-              f"| {r['predictor_share']:.0%} |")
+        (lo, hi), (lo_s, hi_s) = r["ratio_range"], r["ratio_static_range"]
+        print(f"| {r['context']} | {r['config']} | {r['ms_per_step']:.1f} | {r['ratio']:.2f} [{lo:.2f}-{hi:.2f}] "
+              f"| {r['ratio_static']:.2f} [{lo_s:.2f}-{hi_s:.2f}] | {r['predictor_share']:.0%} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

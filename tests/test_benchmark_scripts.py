@@ -28,9 +28,12 @@ def _run_script(name: str, *args: str) -> None:
 
 def test_cpu_benchmarks_run_on_the_default_model(tmp_path):
     """decode_cpu.py and prediction_interval.py end to end at toy sizes (their numbers mean nothing here)."""
-    _run_script("decode_cpu.py", "--contexts", "96", "--fractions", "2", "--steps", "2", "--json", str(tmp_path / "d.json"))
+    _run_script("decode_cpu.py", "--contexts", "96", "--fractions", "2", "--steps", "2", "--rounds", "2",
+                "--json", str(tmp_path / "d.json"))
     rows = json.loads((tmp_path / "d.json").read_text())
     assert [r["config"] for r in rows] == ["dense (DynamicCache)", "dense (StaticCache)", "butler 1/2"]
+    assert rows[0]["ratio"] == 1.0 and rows[0]["ratio_range"] == [1.0, 1.0]  # per-round ratios of the baseline itself
+    assert rows[2]["ratio_range"][0] <= rows[2]["ratio"] <= rows[2]["ratio_range"][1] and rows[2]["predictor_share"] > 0
     (tmp_path / "text.txt").write_text(" ".join(f"word{i % 50} is here." for i in range(200)))
     _run_script("prediction_interval.py", "--context", "96", "--fraction", "2", "--intervals", "1,2", "--steps", "2",
                 "--text", str(tmp_path / "text.txt"), "--chunks", "1", "--seq-len", "48", "--budget", "24",
@@ -38,3 +41,14 @@ def test_cpu_benchmarks_run_on_the_default_model(tmp_path):
     rows = {r["config"]: r for r in json.loads((tmp_path / "p.json").read_text())}
     assert set(rows) == {"dense", "oracle", "butler, interval 1", "butler, interval 2", "butler, interval 2 + neighbours"}
     assert all(r["decode_perplexity"] > 1 for r in rows.values())
+
+
+def test_predictor_quality_script_runs(tmp_path):
+    """predictor_quality.py on a toy text: one row per predictor, perplexity per local window."""
+    (tmp_path / "text.txt").write_text(" ".join(f"word{i % 50} is here." for i in range(400)))
+    _run_script("predictor_quality.py", "--text-file", str(tmp_path / "text.txt"), "--seq-len", "64", "--chunks", "1",
+                "--hit-chunks", "1", "--local-windows", "1,8", "--json", str(tmp_path / "q.json"))
+    report = json.loads((tmp_path / "q.json").read_text())
+    shipped = report["results"][-1]
+    assert report["local_windows"] == [1, 8] and set(shipped["perplexity"]) == {"1", "8"}
+    assert 0.0 <= shipped["per_kv_head/token_hits"] <= 1.0 and shipped["perplexity"]["1"] > 1

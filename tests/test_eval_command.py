@@ -37,9 +37,16 @@ def test_eval_perplexity(model_dir, tmp_path):
     report = _run(model_dir, tmp_path, "perplexity", "--policies", "dense,oracle,h2o,streaming", "--sparsity", "0.5,0.8",
                   "--text-file", str(model_dir / "text.txt"), "--seq-len", "64", "--max-tokens", "128")
     rows = report["results"]
-    assert len(rows) == 8 and set(rows[0]) == {"policy", "sparsity", "perplexity", "chunks"}
+    assert len(rows) == 8 and set(rows[0]) == {"policy", "sparsity", "perplexity", "chunks", "local_window"}
+    assert {r["local_window"] for r in rows} == {1}  # the paper's protocol by default
     dense = {r["perplexity"] for r in rows if r["policy"] == "dense"}
     assert len(dense) == 1  # dense ignores the sparsity
+    windowed = _run(model_dir, tmp_path, "perplexity", "--policies", "dense,oracle", "--sparsity", "0.8", "--local-window",
+                    "8", "--text-file", str(model_dir / "text.txt"), "--seq-len", "64", "--max-tokens", "128")["results"]
+    assert {r["local_window"] for r in windowed} == {8}
+    by_policy = {(r["policy"], r["sparsity"]): r["perplexity"] for r in rows}
+    assert windowed[0]["perplexity"] == by_policy[("dense", 0.8)]  # dense has no window to keep
+    assert windowed[1]["perplexity"] != by_policy[("oracle", 0.8)]  # the window changes what the oracle keeps
 
 
 def test_eval_hits_and_coref(model_dir, tmp_path):

@@ -139,9 +139,12 @@ def butler_attention_forward(
             policy.observe(ScoringInputs(query=query, key=key, valid=valid, scaling=scale, layer=layer), None)
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
-    valid = key_validity(attention_mask, q_len, kv_len, key.device)  # [B|1, 1, T, L]
     # no mask at a decode step: no padding, every cached key is valid (transformers skips the mask then)
     unpadded_decode = q_len == 1 and attention_mask is None
+    if unpadded_decode:  # what key_validity returns here, without building it
+        valid = torch.ones((), dtype=torch.bool, device=key.device).expand(1, 1, 1, kv_len)
+    else:
+        valid = key_validity(attention_mask, q_len, kv_len, key.device)  # [B|1, 1, T, L]
     inputs = ScoringInputs(query=query, key=key, valid=valid, scaling=scale, layer=layer, all_valid=unpadded_decode)
     if q_len == 1:
         scores = layer.decode_scores(lambda: policy.score(inputs), kv_len)

@@ -39,6 +39,9 @@ def add_eval_parser(sub) -> None:
     ev.add_argument("--model", default="default")
     ev.add_argument("--predictor", default=None, help="predictor folder or Hub id (default: the shipped one)")
     ev.add_argument("--sink-tokens", type=int, default=4)
+    ev.add_argument("--local-window", type=int, default=None,
+                    help="most recent tokens always kept, the query's own included (default: 1 for perplexity "
+                         "and coref, the paper's protocol; 16 for longctx, ButlerCache's default decode buffer)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--json", default=None)
     ev.add_argument("--plot", default=None)
@@ -74,15 +77,21 @@ def _chunks(args, tokenizer) -> TokenChunks:
     return TokenChunks.from_source(args.text_file, tokenizer, args.seq_len, max_chunks=max_chunks)
 
 
+def _local_window(args, default: int) -> int:
+    return default if args.local_window is None else args.local_window
+
+
 def run_perplexity(args, model, tokenizer, policies, predictor) -> list[dict]:
     chunks = _chunks(args, tokenizer)
+    window = _local_window(args, 1)
     results = []
     for sparsity in _floats(args.sparsity):
         for policy in policies:
             ppl = sparse_perplexity(model, chunks, policy="oracle" if policy == "dense" else policy,
                                     sparsity=0.0 if policy == "dense" else sparsity, predictor=predictor,
-                                    sink_tokens=args.sink_tokens)
-            results.append({"policy": policy, "sparsity": sparsity, "perplexity": ppl, "chunks": len(chunks)})
+                                    sink_tokens=args.sink_tokens, local_window=window)
+            results.append({"policy": policy, "sparsity": sparsity, "perplexity": ppl, "chunks": len(chunks),
+                            "local_window": window})
     return results
 
 
@@ -102,15 +111,16 @@ def run_hits(args, model, tokenizer, policies, predictor) -> list[dict]:
 
 def run_coref(args, model, tokenizer, policies, predictor) -> list[dict]:
     examples = make_coref_examples(args.examples, seed=args.seed)
+    window = _local_window(args, 1)
     results = []
     for sparsity in _floats(args.sparsity):
         for policy in policies:
             s = 0.0 if policy == "dense" else sparsity
             forced = cache_factory(model, policy, predictor=predictor, sparsity=s, sink_tokens=args.sink_tokens,
-                                   local_window=1, sparse_prefill=True)
+                                   local_window=window, sparse_prefill=True)
             decoding = cache_factory(model, policy, predictor=predictor, sparsity=s, sink_tokens=args.sink_tokens,
-                                     local_window=1)
-            results.append({"policy": policy, "sparsity": sparsity,
+                                     local_window=window)
+            results.append({"policy": policy, "sparsity": sparsity, "local_window": window,
                             **coref_teacher_forced(model, tokenizer, examples, forced),
                             **coref_generation(model, tokenizer, examples, decoding)})
     return results
@@ -119,15 +129,17 @@ def run_coref(args, model, tokenizer, policies, predictor) -> list[dict]:
 def run_longctx(args, model, tokenizer, policies, predictor) -> list[dict]:
     results = []
     budgets = _ints(args.token_budget or "256")
+    window = _local_window(args, 16)
     for task in [t for t in args.tasks.split(",") if t]:
         for length in _ints(args.lengths):
             examples = make_longctx_examples(tokenizer, task, length, args.examples, seed=args.seed)
             # every policy and budget decodes from one dense prefill per example where it can
             factories = {(policy, budget): cache_factory(model, policy, predictor=predictor, token_budget=budget,
-                                                         sink_tokens=args.sink_tokens)
+                                                         sink_tokens=args.sink_tokens, local_window=window)
                          for budget in budgets for policy in policies}
             accuracy = longctx_accuracy(model, tokenizer, examples, factories)
-            results += [{"policy": policy, "task": task, "length": length, "token_budget": budget, "accuracy": acc}
+            results += [{"policy": policy, "task": task, "length": length, "token_budget": budget, "accuracy": acc,
+                         "local_window": window}
                         for (policy, budget), acc in accuracy.items()]
     return results
 
