@@ -11,16 +11,24 @@ from __future__ import annotations
 import torch
 
 
-def _row_view(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``x`` ``[B, H, L, D]`` as a 2-D ``[rows, D]`` view over its memory and the first row of each (b, h),
-    ``[B, H]``; None when its rows are not whole, evenly placed rows of one tensor."""
+def _row_view(x: torch.Tensor) -> tuple[torch.Tensor, int, int] | None:
+    """``x`` ``[B, H, L, D]`` as a 2-D ``[rows, D]`` view over its memory, with the rows (of that view) between
+    consecutive batch entries and between consecutive heads; None when its rows are not whole, evenly placed
+    rows of one tensor."""
     B, H, L, D = x.shape
     s_b, s_h, s_l, s_d = x.stride()
     if s_d != 1 or s_l < D or s_b % s_l or s_h % s_l:
         return None
     rows = ((B - 1) * s_b + (H - 1) * s_h) // s_l + L  # rows of the view that the indices can reach
-    first_row = (torch.arange(B, device=x.device)[:, None] * s_b + torch.arange(H, device=x.device) * s_h) // s_l
-    return torch.as_strided(x, (rows, D), (s_l, 1)), first_row  # row r starts at x's offset + r * s_l
+    return torch.as_strided(x, (rows, D), (s_l, 1)), s_b // s_l, s_h // s_l  # row r starts at x's offset + r * s_l
+
+
+def _first_rows(B: int, H: int, row_b: int, row_h: int, device: torch.device) -> torch.Tensor:
+    """Row of the 2-D view where each (b, h) starts, ``[B, H, 1]``: one ``arange`` in the usual layouts."""
+    step = row_h if H > 1 else row_b
+    if (B == 1 or H == 1 or row_b == H * row_h) and step > 0:  # (b, h) evenly spaced in b-major order
+        return torch.arange(0, B * H * step, step, device=device).view(B, H, 1)
+    return (torch.arange(B, device=device)[:, None] * row_b + torch.arange(H, device=device) * row_h)[..., None]
 
 
 def gather_rows(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -42,8 +50,9 @@ def _gather_rows_of(tensors: tuple[torch.Tensor, ...], indices: torch.Tensor) ->
             return [gather_rows(x, indices) for x in tensors]
         x = tensors[0]
         return [x.gather(2, indices[..., None].expand(B, H, S, x.shape[-1]))]
-    flat = (indices + views[0][1][:, :, None]).reshape(-1)  # [B * H * S] rows of the 2-D views
-    return [rows.index_select(0, flat).view(B, H, S, x.shape[-1]) for (rows, _), x in zip(views, tensors, strict=True)]
+    _, row_b, row_h = views[0]
+    flat = (indices + _first_rows(B, H, row_b, row_h, indices.device)).reshape(-1)  # [B * H * S] rows of the views
+    return [rows.index_select(0, flat).view(B, H, S, x.shape[-1]) for (rows, _, _), x in zip(views, tensors, strict=True)]
 
 
 def sparse_decode_attention_torch(

@@ -6,6 +6,7 @@ serves one decode step and a whole teacher-forced sequence.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -94,6 +95,12 @@ def select_tokens(scores: torch.Tensor, valid: torch.Tensor, budget: TokenBudget
     return Selection(indices=indices, keep=keep)
 
 
+@functools.lru_cache(maxsize=16)
+def _forced_offsets(sinks: int, window: int, device: torch.device) -> torch.Tensor:
+    """The sinks' positions and the window's, counted from the end: ``[0, .., sinks - 1, -window, .., -1]``."""
+    return torch.cat([torch.arange(sinks), torch.arange(-window, 0)]).to(device)
+
+
 def select_decode_tokens(scores: torch.Tensor, budget: TokenBudget) -> Selection:
     """`select_tokens` for one query row per sequence that may see all ``L`` cached keys (no padding).
 
@@ -106,14 +113,13 @@ def select_decode_tokens(scores: torch.Tensor, budget: TokenBudget) -> Selection
         raise ValueError(f"select_decode_tokens serves one query row per sequence, got {q}")
     n = budget.max_selected(L)  # every row sees L keys, so this is every row's budget
     sinks, window = budget.sink_tokens, budget.local_window
-    positions = torch.arange(L, device=scores.device)
     if n >= L:
-        indices = positions.expand(B, H, 1, L)
+        indices = torch.arange(L, device=scores.device).expand(B, H, 1, L)
         return Selection(indices, torch.ones_like(indices, dtype=torch.bool), all_kept=True)
     # n < L implies L > sinks + window (the budget holds them whenever the context exceeds them)
     top = scores[..., sinks : L - window].topk(n - sinks - window, dim=-1, sorted=False)  # [B, H, 1, n - forced]
-    forced = torch.cat([positions[:sinks], positions[L - window :]]).expand(B, H, 1, sinks + window)
-    indices = torch.cat([forced, top.indices + sinks], dim=-1)  # [B, H, 1, n]
+    forced = _forced_offsets(sinks, window, scores.device).remainder(L)  # [sinks + window] positions
+    indices = torch.cat([forced.expand(B, H, 1, sinks + window), top.indices + sinks], dim=-1)  # [B, H, 1, n]
     # every key is valid, so every slot is kept (as in `select_tokens`, whatever the scores)
     return Selection(indices, torch.ones_like(indices, dtype=torch.bool), all_kept=True)
 
