@@ -9,8 +9,9 @@ drifts of the machine (memory bandwidth shared with other tenants, frequency) hi
 Two dense baselines: transformers' `DynamicCache` (the default of ``generate``; it re-copies the whole
 cache with ``torch.cat`` at every step) and `StaticCache` (preallocated; attention runs over its
 whole length). Reported: the median ms per decode step over all rounds; the ratio to each dense
-baseline as the median over rounds of the per-round ratio, with its range; and the share of the step
-spent in the predictor (importance queries, scoring and top-k selection).
+baseline as the median over rounds of the per-round ratio, with its range; the median ms per step
+inside the attention function (all layers: dense SDPA, or scoring + selection + sparse attention);
+and the share of the step spent in the predictor (importance queries, scoring and top-k selection).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 from tqdm.auto import tqdm
-from transformers import DynamicCache, StaticCache
+from transformers import AttentionInterface, DynamicCache, StaticCache
 
 from butler_cache import ButlerCache, ButlerPredictor, default_predictor_path
 from butler_cache import attention as attention_module
@@ -92,34 +93,53 @@ def time_decode(model, cache, first_token, steps: int, watch: Stopwatch | None =
     return statistics.median(times) * 1e3, statistics.median(shares)
 
 
+@contextmanager
+def attention_timer():
+    """Time spent inside the attention function of every layer (dense SDPA or butler's sparse path).
+
+    Every configuration runs through the function butler_cache registers (a dense cache falls through
+    to transformers' SDPA), so wrapping that one entry times the attention of all of them alike.
+    """
+    watch = Stopwatch()
+    AttentionInterface.register(attention_module.ATTENTION_NAME, watch.wrap(attention_module.butler_attention_forward))
+    try:
+        yield watch
+    finally:
+        AttentionInterface.register(attention_module.ATTENTION_NAME, attention_module.butler_attention_forward)
+
+
 def interleaved(model, caches: dict, first_token, steps: int, rounds: int, timed: set[str]) -> dict[str, list[list[float]]]:
-    """Decode with each cache in turn, ``steps`` tokens per cache per round: ``{name: [[ms per step] per round]}``
-    and, for the caches named in ``timed``, the predictor share of each step in ``{name + " share": ...}``."""
+    """Decode with each cache in turn, ``steps`` tokens per cache per round: ``{name: [[ms per step] per round]}``,
+    the ms per step inside the attention function in ``{name + " attention": ...}`` and, for the caches
+    named in ``timed``, the predictor share of each step in ``{name + " share": ...}``."""
     tokens = dict.fromkeys(caches, first_token)
     times: dict[str, list[list[float]]] = {}
-    for _ in tqdm(range(rounds), desc="rounds", leave=False):
-        for name, cache in caches.items():
-            with predictor_timer(cache) if name in timed else nullcontext(None) as watch:
-                ms, share, tokens[name] = time_steps(model, cache, tokens[name], steps, watch)
-            times.setdefault(name, []).append(ms)
-            if name in timed:
-                times.setdefault(name + " share", []).append(share)
+    with attention_timer() as attention:
+        for _ in tqdm(range(rounds), desc="rounds", leave=False):
+            for name, cache in caches.items():
+                with predictor_timer(cache) if name in timed else nullcontext(None) as watch:
+                    ms, share, attention_ms, tokens[name] = time_steps(model, cache, tokens[name], steps, watch, attention)
+                times.setdefault(name, []).append(ms)
+                times.setdefault(name + " attention", []).append(attention_ms)
+                if name in timed:
+                    times.setdefault(name + " share", []).append(share)
     return times
 
 
-def time_steps(model, cache, token, steps: int, watch: Stopwatch | None):
-    """Per-step ms and predictor shares of ``steps`` decode steps, and the next token."""
-    ms, shares = [], []
+def time_steps(model, cache, token, steps: int, watch: Stopwatch | None, attention: Stopwatch):
+    """Per-step ms, predictor shares and ms inside attention of ``steps`` decode steps, and the next token."""
+    ms, shares, attention_ms = [], [], []
     for _ in range(steps):
-        before = watch.seconds if watch else 0.0
+        before, attention_before = (watch.seconds if watch else 0.0), attention.seconds
         start = time.perf_counter()
         with torch.no_grad():
             logits = model(input_ids=token, past_key_values=cache).logits
         elapsed = time.perf_counter() - start
         ms.append(elapsed * 1e3)
         shares.append(((watch.seconds - before) / elapsed) if watch else 0.0)
+        attention_ms.append((attention.seconds - attention_before) * 1e3)
         token = logits[:, -1:].argmax(-1)
-    return ms, shares, token
+    return ms, shares, attention_ms, token
 
 
 def summarise(times: list[list[float]], baseline: list[list[float]]) -> tuple[float, float, float, float]:
@@ -160,22 +180,23 @@ def main() -> None:
         timed = {name for name in caches if name.startswith("butler")}
         times = interleaved(model, caches, first, args.steps, args.rounds, timed)
         del caches
-        for name in (n for n in times if not n.endswith(" share")):
+        for name in (n for n in times if not n.endswith((" share", " attention"))):
             ms, ratio, low, high = summarise(times[name], times["dense (DynamicCache)"])
             _, ratio_static, low_s, high_s = summarise(times[name], times["dense (StaticCache)"])
             shares = [x for t in times.get(name + " share", [[0.0]]) for x in t]
             rows.append({"context": context, "config": name, "ms_per_step": ms, "ratio": ratio,
                          "ratio_range": [low, high], "ratio_static": ratio_static,
-                         "ratio_static_range": [low_s, high_s], "predictor_share": statistics.median(shares)})
+                         "ratio_static_range": [low_s, high_s], "predictor_share": statistics.median(shares),
+                         "attention_ms": statistics.median([x for t in times[name + " attention"] for x in t])})
             print(json.dumps(rows[-1]))
     print()
     print("| context | configuration | ms / decode step | vs dense (DynamicCache) [range over rounds] "
-          "| vs dense (StaticCache) [range] | predictor share |")
-    print("|---|---|---|---|---|---|")
+          "| vs dense (StaticCache) [range] | of which attention (ms) | predictor share |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         (lo, hi), (lo_s, hi_s) = r["ratio_range"], r["ratio_static_range"]
         print(f"| {r['context']} | {r['config']} | {r['ms_per_step']:.1f} | {r['ratio']:.2f} [{lo:.2f}-{hi:.2f}] "
-              f"| {r['ratio_static']:.2f} [{lo_s:.2f}-{hi_s:.2f}] | {r['predictor_share']:.0%} |")
+              f"| {r['ratio_static']:.2f} [{lo_s:.2f}-{hi_s:.2f}] | {r['attention_ms']:.1f} | {r['predictor_share']:.0%} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

@@ -34,6 +34,7 @@ def test_cpu_benchmarks_run_on_the_default_model(tmp_path):
     assert [r["config"] for r in rows] == ["dense (DynamicCache)", "dense (StaticCache)", "butler 1/2"]
     assert rows[0]["ratio"] == 1.0 and rows[0]["ratio_range"] == [1.0, 1.0]  # per-round ratios of the baseline itself
     assert rows[2]["ratio_range"][0] <= rows[2]["ratio"] <= rows[2]["ratio_range"][1] and rows[2]["predictor_share"] > 0
+    assert all(0 < r["attention_ms"] < r["ms_per_step"] for r in rows)
     (tmp_path / "text.txt").write_text(" ".join(f"word{i % 50} is here." for i in range(200)))
     _run_script("prediction_interval.py", "--context", "96", "--fraction", "2", "--intervals", "1,2", "--steps", "2",
                 "--text", str(tmp_path / "text.txt"), "--chunks", "1", "--seq-len", "48", "--budget", "24",
