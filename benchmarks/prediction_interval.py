@@ -49,6 +49,9 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=1024, help="accuracy: chunk length (the first quarter is prefilled)")
     parser.add_argument("--budget", type=int, default=128, help="accuracy: tokens attended per KV head")
+    parser.add_argument("--oracle-intervals", default="1",
+                        help="accuracy: also the oracle at these intervals (a control: what reusing a selection "
+                             "costs when the selection itself is exact)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
@@ -58,6 +61,7 @@ def main() -> None:
     predictor = ButlerPredictor.from_pretrained(default_predictor_path())
     configs = [(n, False) for n in map(int, args.intervals.split(","))]
     configs += [(n, True) for n, _ in configs if n > 1]
+    oracle_intervals = [n for n in map(int, args.oracle_intervals.split(",")) if n > 1]
 
     def butler(budget: int, interval: int, neighbours: bool) -> ButlerCache:
         return ButlerCache(model, predictor, token_budget=budget, prediction_interval=interval,
@@ -84,6 +88,9 @@ def main() -> None:
         chunks = TokenChunks.from_texts([text], tokenizer, args.seq_len, max_chunks=args.chunks)
         makers = {"dense": lambda: DynamicCache(config=model.config),
                   "oracle": lambda: ButlerCache(model, policy="oracle", token_budget=args.budget)}
+        for i in oracle_intervals:
+            makers[f"oracle, interval {i}"] = lambda i=i: ButlerCache(model, policy="oracle", token_budget=args.budget,
+                                                                      prediction_interval=i)
         makers.update({name(i, nb): (lambda i=i, nb=nb: butler(args.budget, i, nb)) for i, nb in configs})
         for label, make in makers.items():
             quality[label] = decode_perplexity(model, chunks, make, prefix=args.seq_len // 4, desc=label)
@@ -92,7 +99,7 @@ def main() -> None:
     for label in speed.keys() | quality.keys():
         rows.append({"config": label, "ms_per_step": speed.get(label), "ratio": speed[label] / dense_ms if label in speed else None,
                      "decode_perplexity": quality.get(label)})
-    order = ["dense", "oracle"] + [name(i, nb) for i, nb in configs]
+    order = ["dense", "oracle"] + [f"oracle, interval {i}" for i in oracle_intervals] + [name(i, nb) for i, nb in configs]
     rows.sort(key=lambda r: order.index(r["config"]))
     print(f"\ncontext {args.context}, budget 1/{args.fraction} (speed); budget {args.budget} tokens, "
           f"{args.chunks} x {args.seq_len}-token chunks (decode perplexity)\n")

@@ -38,9 +38,10 @@ def test_cpu_benchmarks_run_on_the_default_model(tmp_path):
     (tmp_path / "text.txt").write_text(" ".join(f"word{i % 50} is here." for i in range(200)))
     _run_script("prediction_interval.py", "--context", "96", "--fraction", "2", "--intervals", "1,2", "--steps", "2",
                 "--text", str(tmp_path / "text.txt"), "--chunks", "1", "--seq-len", "48", "--budget", "24",
-                "--json", str(tmp_path / "p.json"))
+                "--oracle-intervals", "1,2", "--json", str(tmp_path / "p.json"))
     rows = {r["config"]: r for r in json.loads((tmp_path / "p.json").read_text())}
-    assert set(rows) == {"dense", "oracle", "butler, interval 1", "butler, interval 2", "butler, interval 2 + neighbours"}
+    assert set(rows) == {"dense", "oracle", "oracle, interval 2", "butler, interval 1", "butler, interval 2",
+                         "butler, interval 2 + neighbours"}
     assert all(r["decode_perplexity"] > 1 for r in rows.values())
 
 
