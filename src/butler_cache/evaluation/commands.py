@@ -158,6 +158,13 @@ def plot(report: dict, path: str) -> None:
     x_key, y_key = {"perplexity": ("sparsity", "perplexity"), "hits": ("token_budget", "recall"),
                     "coref": ("sparsity", "name_token_error"), "longctx": ("length", "accuracy")}[task]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    if task == "coref" and len({r["sparsity"] for r in rows}) == 1:  # one sparsity: bars per policy
+        _coref_bars(ax, rows)
+        ax.set_title(f"{report['model']}: coref at {rows[0]['sparsity']:.0%} sparsity")
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return
     for policy in dict.fromkeys(r["policy"] for r in rows):
         pts = sorted((r[x_key], r[y_key]) for r in rows if r["policy"] == policy)
         if task == "longctx":  # average over tasks per length
@@ -176,3 +183,16 @@ def plot(report: dict, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _coref_bars(ax, rows: list[dict]) -> None:
+    """Name-token error (teacher-forced) and exact match (generation) side by side for each policy."""
+    policies = list(dict.fromkeys(r["policy"] for r in rows))
+    by_policy = {r["policy"]: r for r in rows}
+    x = range(len(policies))
+    for offset, key in ((-0.2, "name_token_error"), (0.2, "exact_match")):
+        ax.bar([i + offset for i in x], [by_policy[p][key] for p in policies], width=0.4, label=key)
+    ax.set_xticks(list(x), policies, rotation=30, ha="right")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
