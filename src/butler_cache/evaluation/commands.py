@@ -177,7 +177,9 @@ def plot(report: dict, path: str) -> None:
         ax.set_yscale("log")
     ax.set_xlabel(x_key)
     ax.set_ylabel(y_key)
-    ax.set_title(f"{report['model']}: {task}")
+    windows = {r.get("local_window") for r in rows}
+    window = f" (local window {windows.pop()})" if len(windows) == 1 and None not in windows else ""
+    ax.set_title(f"{report['model']}: {task}{window}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
