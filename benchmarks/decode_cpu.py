@@ -80,17 +80,9 @@ def copy_into(cache, prefilled: DynamicCache):
 
 
 def time_decode(model, cache, first_token, steps: int, watch: Stopwatch | None = None) -> tuple[float, float]:
-    token, times, shares = first_token, [], []
-    for _ in range(steps):
-        before = watch.seconds if watch else 0.0
-        start = time.perf_counter()
-        with torch.no_grad():
-            logits = model(input_ids=token, past_key_values=cache).logits
-        elapsed = time.perf_counter() - start
-        times.append(elapsed)
-        shares.append(((watch.seconds - before) / elapsed) if watch else 0.0)
-        token = logits[:, -1:].argmax(-1)
-    return statistics.median(times) * 1e3, statistics.median(shares)
+    """Median ms per step and median predictor share of ``steps`` decode steps from ``first_token``."""
+    ms, shares, _, _ = time_steps(model, cache, first_token, steps, watch)
+    return statistics.median(ms), statistics.median(shares)
 
 
 @contextmanager
@@ -126,8 +118,10 @@ def interleaved(model, caches: dict, first_token, steps: int, rounds: int, timed
     return times
 
 
-def time_steps(model, cache, token, steps: int, watch: Stopwatch | None, attention: Stopwatch):
-    """Per-step ms, predictor shares and ms inside attention of ``steps`` decode steps, and the next token."""
+def time_steps(model, cache, token, steps: int, watch: Stopwatch | None, attention: Stopwatch | None = None):
+    """Per-step ms, predictor shares and ms inside attention (0 without ``attention``) of ``steps`` decode
+    steps, and the next token."""
+    attention = attention or Stopwatch()
     ms, shares, attention_ms = [], [], []
     for _ in range(steps):
         before, attention_before = (watch.seconds if watch else 0.0), attention.seconds

@@ -148,23 +148,31 @@ TASK_RUNNERS = {"perplexity": run_perplexity, "hits": run_hits, "coref": run_cor
 
 
 def plot(report: dict, path: str) -> None:
-    """One line per policy: the task's metric against sparsity, budget or length."""
+    """One line per policy: the task's metric against sparsity, budget or length (coref at one
+    sparsity: bars per policy)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     task, rows = report["task"], report["results"]
-    x_key, y_key = {"perplexity": ("sparsity", "perplexity"), "hits": ("token_budget", "recall"),
-                    "coref": ("sparsity", "name_token_error"), "longctx": ("length", "accuracy")}[task]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    if task == "coref" and len({r["sparsity"] for r in rows}) == 1:  # one sparsity: bars per policy
+    if task == "coref" and len({r["sparsity"] for r in rows}) == 1:
         _coref_bars(ax, rows)
         ax.set_title(f"{report['model']}: coref at {rows[0]['sparsity']:.0%} sparsity")
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        return
+    else:
+        _metric_lines(ax, task, rows)
+        windows = {r.get("local_window") for r in rows}
+        window = f" (local window {windows.pop()})" if len(windows) == 1 and None not in windows else ""
+        ax.set_title(f"{report['model']}: {task}{window}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _metric_lines(ax, task: str, rows: list[dict]) -> None:
+    x_key, y_key = {"perplexity": ("sparsity", "perplexity"), "hits": ("token_budget", "recall"),
+                    "coref": ("sparsity", "name_token_error"), "longctx": ("length", "accuracy")}[task]
     for policy in dict.fromkeys(r["policy"] for r in rows):
         pts = sorted((r[x_key], r[y_key]) for r in rows if r["policy"] == policy)
         if task == "longctx":  # average over tasks per length
@@ -177,14 +185,8 @@ def plot(report: dict, path: str) -> None:
         ax.set_yscale("log")
     ax.set_xlabel(x_key)
     ax.set_ylabel(y_key)
-    windows = {r.get("local_window") for r in rows}
-    window = f" (local window {windows.pop()})" if len(windows) == 1 and None not in windows else ""
-    ax.set_title(f"{report['model']}: {task}{window}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def _coref_bars(ax, rows: list[dict]) -> None:
