@@ -1,6 +1,9 @@
 """Decode-step time on the CPU: dense attention versus ButlerCache, side by side in one run.
 
-    python benchmarks/decode_cpu.py --contexts 2048,4096,8192 --fractions 4,8,16 --steps 6 --rounds 5
+    python benchmarks/decode_cpu.py --contexts 2048,4096,8192 --fractions 4,8,16 --backends torch,numba
+
+``--backends`` makes each butler budget one configuration per backend: ``torch`` (the PyTorch paths) and
+``numba`` (the compiled CPU kernels: scoring, top-k and sparse attention of a layer in one call).
 
 For each context length the prompt is prefilled once (dense); every configuration starts from a copy
 of that cache (ButlerCache layers compute their importance keys from the copied keys). The
@@ -11,7 +14,8 @@ cache with ``torch.cat`` at every step) and `StaticCache` (preallocated; attenti
 whole length). Reported: the median ms per decode step over all rounds; the ratio to each dense
 baseline as the median over rounds of the per-round ratio, with its range; the median ms per step
 inside the attention function (all layers: dense SDPA, or scoring + selection + sparse attention);
-and the share of the step spent in the predictor (importance queries, scoring and top-k selection).
+and the share of the step spent in the predictor (importance queries, scoring and top-k selection;
+not separable in the fused numba step, reported as "fused").
 """
 
 from __future__ import annotations
@@ -58,18 +62,19 @@ def predictor_timer(cache: ButlerCache):
     """Time spent producing importance queries and scoring + selecting (CPU: synchronous)."""
     watch = Stopwatch()
     selectors = {name: getattr(attention_module, name) for name in ("select_tokens", "select_decode_tokens")}
-    original_score = cache.settings.policy.score
+    policy = cache.settings.policy
+    original_score, original_select = policy.score, policy.select_decode
     original_produce = cache.on_layer_input
     for name, fn in selectors.items():
         setattr(attention_module, name, watch.wrap(fn))
-    cache.settings.policy.score = watch.wrap(original_score)
+    policy.score, policy.select_decode = watch.wrap(original_score), watch.wrap(original_select)
     cache.on_layer_input = watch.wrap(original_produce)
     try:
         yield watch
     finally:
         for name, fn in selectors.items():
             setattr(attention_module, name, fn)
-        del cache.settings.policy.score
+        del policy.score, policy.select_decode
         del cache.on_layer_input
 
 
@@ -148,7 +153,7 @@ def main() -> None:
     parser.add_argument("--fractions", default="4,8,16", help="budgets as 1/N of the context")
     parser.add_argument("--steps", type=int, default=6, help="decode steps per configuration per round")
     parser.add_argument("--rounds", type=int, default=5, help="rounds in which the configurations take turns")
-    parser.add_argument("--backend", default="torch")
+    parser.add_argument("--backends", default="torch", help="comma-separated butler backends, each a configuration")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
@@ -168,9 +173,12 @@ def main() -> None:
             "dense (DynamicCache)": copy_into(DynamicCache(config=model.config), prefilled),
             "dense (StaticCache)": copy_into(StaticCache(config=model.config, max_cache_len=length), prefilled),
         }
+        backends = args.backends.split(",")
         for fraction in [int(f) for f in args.fractions.split(",")]:
-            butler = ButlerCache(model, predictor, token_budget=context // fraction, backend=args.backend)
-            caches[f"butler 1/{fraction}"] = copy_into(butler, prefilled)
+            for backend in backends:
+                butler = ButlerCache(model, predictor, token_budget=context // fraction, backend=backend)
+                suffix = f" ({backend})" if len(backends) > 1 else ""
+                caches[f"butler 1/{fraction}{suffix}"] = copy_into(butler, prefilled)
         timed = {name for name in caches if name.startswith("butler")}
         times = interleaved(model, caches, first, args.steps, args.rounds, timed)
         del caches
@@ -178,9 +186,11 @@ def main() -> None:
             ms, ratio, low, high = summarise(times[name], times["dense (DynamicCache)"])
             _, ratio_static, low_s, high_s = summarise(times[name], times["dense (StaticCache)"])
             shares = [x for t in times.get(name + " share", [[0.0]]) for x in t]
+            fused = name.endswith("(numba)") or (name.startswith("butler") and backends == ["numba"])
             rows.append({"context": context, "config": name, "ms_per_step": ms, "ratio": ratio,
                          "ratio_range": [low, high], "ratio_static": ratio_static,
-                         "ratio_static_range": [low_s, high_s], "predictor_share": statistics.median(shares),
+                         "ratio_static_range": [low_s, high_s],
+                         "predictor_share": None if fused else statistics.median(shares),
                          "attention_ms": statistics.median([x for t in times[name + " attention"] for x in t])})
             print(json.dumps(rows[-1]))
     print()
@@ -190,7 +200,8 @@ def main() -> None:
     for r in rows:
         (lo, hi), (lo_s, hi_s) = r["ratio_range"], r["ratio_static_range"]
         print(f"| {r['context']} | {r['config']} | {r['ms_per_step']:.1f} | {r['ratio']:.2f} [{lo:.2f}-{hi:.2f}] "
-              f"| {r['ratio_static']:.2f} [{lo_s:.2f}-{hi_s:.2f}] | {r['attention_ms']:.1f} | {r['predictor_share']:.0%} |")
+              f"| {r['ratio_static']:.2f} [{lo_s:.2f}-{hi_s:.2f}] | {r['attention_ms']:.1f} | "
+              f"{'fused' if r['predictor_share'] is None else format(r['predictor_share'], '.0%')} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from butler_cache.kernels import NUMBA_AVAILABLE
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -28,12 +30,15 @@ def _run_script(name: str, *args: str) -> None:
 
 def test_cpu_benchmarks_run_on_the_default_model(tmp_path):
     """decode_cpu.py and prediction_interval.py end to end at toy sizes (their numbers mean nothing here)."""
+    backends = "torch,numba" if NUMBA_AVAILABLE else "torch"
     _run_script("decode_cpu.py", "--contexts", "96", "--fractions", "2", "--steps", "2", "--rounds", "2",
-                "--json", str(tmp_path / "d.json"))
+                "--backends", backends, "--json", str(tmp_path / "d.json"))
     rows = json.loads((tmp_path / "d.json").read_text())
-    assert [r["config"] for r in rows] == ["dense (DynamicCache)", "dense (StaticCache)", "butler 1/2"]
+    butler = ["butler 1/2 (torch)", "butler 1/2 (numba)"] if NUMBA_AVAILABLE else ["butler 1/2"]
+    assert [r["config"] for r in rows] == ["dense (DynamicCache)", "dense (StaticCache)", *butler]
     assert rows[0]["ratio"] == 1.0 and rows[0]["ratio_range"] == [1.0, 1.0]  # per-round ratios of the baseline itself
     assert rows[2]["ratio_range"][0] <= rows[2]["ratio"] <= rows[2]["ratio_range"][1] and rows[2]["predictor_share"] > 0
+    assert all(r["predictor_share"] is None for r in rows[3:])  # the fused numba step: not separable
     assert all(0 < r["attention_ms"] < r["ms_per_step"] for r in rows)
     (tmp_path / "text.txt").write_text(" ".join(f"word{i % 50} is here." for i in range(200)))
     _run_script("prediction_interval.py", "--context", "96", "--fraction", "2", "--intervals", "1,2", "--steps", "2",

@@ -7,23 +7,29 @@ import torch
 from transformers import DynamicCache
 
 from butler_cache import ButlerCache, ButlerConfig, ButlerLayer, ButlerPredictor
+from butler_cache.kernels import NUMBA_AVAILABLE
 
 from .conftest import random_batch, tiny_model
+
+# "numba" keeps the importance keys feature-major (growth.append_rows; an operation that replaces them leaves
+# them row-major until the next append): the same operations must hold there
+BACKENDS = ["torch"] + (["numba"] if NUMBA_AVAILABLE else [])
 
 CLOSE = dict(rtol=1e-10, atol=1e-10)  # float64 throughout
 
 
-@pytest.fixture
-def setup():
+@pytest.fixture(params=BACKENDS)
+def setup(request):
     model = tiny_model("qwen2", seed=1, dtype=torch.float64, num_attention_heads=6, num_key_value_heads=2)
     torch.manual_seed(0)
     predictor = ButlerPredictor(ButlerConfig.for_model(model, layer_stride=2)).double()
+    predictor.backend = request.param  # read by `prefill` and the tests that build their own cache
     ids, mask = random_batch(3, 18, [0, 2, 5], seed=3)
     return model, predictor, ids, mask
 
 
 def prefill(model, predictor, ids, mask, **kwargs):
-    cache = ButlerCache(model, predictor, token_budget=10, local_window=4, **kwargs)
+    cache = ButlerCache(model, predictor, token_budget=10, local_window=4, backend=predictor.backend, **kwargs)
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask, past_key_values=cache)
     return cache
@@ -115,7 +121,7 @@ def test_second_turn_full_budget_equals_fresh_run(setup):
 
 def test_second_turn_sparse_keeps_state_in_sync(setup):
     model, predictor, ids, mask = setup
-    cache = ButlerCache(model, predictor, token_budget=10, local_window=4)
+    cache = ButlerCache(model, predictor, token_budget=10, local_window=4, backend=predictor.backend)
     turn1 = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=6, do_sample=False)
     assert cache.get_seq_length() == turn1.shape[1] - 1
     ids2 = torch.cat([turn1, turn1[:, -3:]], dim=1)
@@ -127,7 +133,7 @@ def test_second_turn_sparse_keeps_state_in_sync(setup):
 
 def test_beam_search_sparse_keeps_state_in_sync(setup):
     model, predictor, ids, mask = setup
-    cache = ButlerCache(model, predictor, token_budget=10, local_window=4)
+    cache = ButlerCache(model, predictor, token_budget=10, local_window=4, backend=predictor.backend)
     out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=6, num_beams=2,
                          num_return_sequences=2, do_sample=False)
     assert out.shape == (6, 24)

@@ -20,8 +20,9 @@ operations = st.lists(
 )
 
 
-@given(ops=operations, batch=st.integers(1, 3), heads=st.integers(1, 3), dim=st.sampled_from([1, 4, 16]))
-def test_append_rows_equals_cat(ops, batch, heads, dim):
+@given(ops=operations, batch=st.integers(1, 3), heads=st.integers(1, 3), dim=st.sampled_from([1, 4, 16]),
+       feature_major=st.booleans())
+def test_append_rows_equals_cat(ops, batch, heads, dim, feature_major):
     gen = torch.Generator().manual_seed(len(ops))
     expected = torch.empty(0)  # DynamicLayer starts from an empty 1-D tensor
     view, storage = torch.empty(0), None
@@ -30,8 +31,10 @@ def test_append_rows_equals_cat(ops, batch, heads, dim):
         if op[0] == "append":
             new = torch.randn(batch, heads, op[1], dim, generator=gen)
             expected = new if expected.numel() == 0 else torch.cat([expected, new], dim=-2)
-            view, storage = append_rows(view, storage, new)
+            view, storage = append_rows(view, storage, new, feature_major)
             earlier.append((view, view.clone()))
+            if feature_major and dim > 1 and view.shape[-2] > 1:
+                assert view.stride(-2) == 1  # each feature's values contiguous over the tokens
         elif op[0] == "crop" and expected.numel() and op[1] < expected.shape[-2]:
             expected, view = expected[..., : -op[1], :], view[..., : -op[1], :]
             earlier.clear()  # cropping gives up the cropped rows, as DynamicLayer's crop does

@@ -68,7 +68,13 @@ def test_row_with_nothing_kept_is_zero_not_nan():
 
 
 def test_backend_resolution(monkeypatch):
-    assert resolve_backend("auto", torch.device("cpu")) == "torch"
+    from butler_cache.kernels import NUMBA_AVAILABLE
+
+    assert resolve_backend("auto", torch.device("cpu")) == "torch"  # the numba CPU kernels are opt-in
+    if NUMBA_AVAILABLE:
+        assert resolve_backend("numba", torch.device("cpu")) == "numba"
+        with pytest.raises(ValueError, match="backend='numba' runs on CPU tensors"):
+            resolve_backend("numba", torch.device("cuda"))
     with pytest.raises(ValueError, match="backend='gpu' is not known"):
         resolve_backend("gpu", torch.device("cpu"))
     monkeypatch.setenv("TRITON_INTERPRET", "0")

@@ -146,14 +146,24 @@ def butler_attention_forward(
     else:
         valid = key_validity(attention_mask, q_len, kv_len, key.device)  # [B|1, 1, T, L]
     inputs = ScoringInputs(query=query, key=key, valid=valid, scaling=scale, layer=layer, all_valid=unpadded_decode)
-    if q_len == 1:
-        scores = layer.decode_scores(lambda: policy.score(inputs), kv_len)
-    else:
-        scores = policy.score(inputs)
-    if unpadded_decode:
-        selection = select_decode_tokens(scores, settings.budget)  # [B, H_kv, 1, K]
-    else:
-        selection = select_tokens(scores, valid, settings.budget)  # [B, H_kv, T, K]
+    fusable = unpadded_decode and settings.prediction_interval == 1
+    if fusable and not settings.neighbor_fetch and layer.stats is None and not policy.stateful:
+        out = policy.attend_decode(inputs, value, settings.budget)  # score + select + attend in one call
+        if out is not None:
+            layer.importance_queries = None
+            return out, None
+    selection = None
+    if fusable:
+        selection = policy.select_decode(inputs, settings.budget)  # fused scoring + top-k where the policy has one
+    if selection is None:
+        if q_len == 1:
+            scores = layer.decode_scores(lambda: policy.score(inputs), kv_len)
+        else:
+            scores = policy.score(inputs)
+        if unpadded_decode:
+            selection = select_decode_tokens(scores, settings.budget)  # [B, H_kv, 1, K]
+        else:
+            selection = select_tokens(scores, valid, settings.budget)  # [B, H_kv, T, K]
     if settings.neighbor_fetch:
         selection = with_neighbors(selection, valid, kv_len)
     if policy.stateful:

@@ -21,7 +21,7 @@ from transformers.cache_utils import DynamicLayer
 from .architecture import BaseModelShape, check_supported
 from .budget import TokenBudget
 from .growth import append_rows
-from .kernels import check_backend
+from .kernels import check_backend, resolve_backend
 from .policies import SelectionPolicy, make_policy
 from .predictor import ButlerPredictor, LayerInput
 
@@ -98,8 +98,8 @@ class ButlerLayer(DynamicLayer):
         # storages that keys / values / importance_keys are prefix views of (see `growth.append_rows`)
         self._storage: dict[str, torch.Tensor | None] = {"keys": None, "values": None, "importance_keys": None}
 
-    def _append(self, name: str, new: torch.Tensor) -> torch.Tensor:
-        view, self._storage[name] = append_rows(getattr(self, name), self._storage[name], new)
+    def _append(self, name: str, new: torch.Tensor, feature_major: bool = False) -> torch.Tensor:
+        view, self._storage[name] = append_rows(getattr(self, name), self._storage[name], new, feature_major)
         setattr(self, name, view)
         return view
 
@@ -149,8 +149,13 @@ class ButlerLayer(DynamicLayer):
         return keys, values
 
     def append_importance_keys(self, new: torch.Tensor) -> None:
-        """Add the importance keys ``[B, H_k, T, d']`` of the new tokens."""
-        self._append("importance_keys", new)
+        """Add the importance keys ``[B, H_k, T, d']`` of the new tokens.
+
+        With the numba backend they are kept feature-major (`growth.append_rows`): its scoring kernel streams
+        over the tokens one feature at a time.
+        """
+        feature_major = resolve_backend(self.settings.backend, new.device) == "numba"
+        self._append("importance_keys", new, feature_major)
 
     # ------------------------------------------------------------------ keeping predictor state in sync
     def _map_state(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:

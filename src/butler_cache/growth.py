@@ -7,6 +7,10 @@ and the storage is reallocated (copied once) when it is full.
 
 Views handed out earlier stay valid: rows are only ever written past the live length, except after a
 `crop`, which (as in `DynamicLayer`) gives up the cropped rows.
+
+A storage can also be *feature-major*: ``[..., D, capacity]`` memory seen as ``[..., capacity, D]`` (each
+feature's values contiguous over the tokens). The views have the same shape and values; kernels that
+stream over the tokens one feature at a time (the CPU scoring kernel) read them with unit stride.
 """
 
 from __future__ import annotations
@@ -32,13 +36,13 @@ def _is_prefix_view(current: torch.Tensor, storage: torch.Tensor) -> bool:
 
 
 def append_rows(
-    current: torch.Tensor | None, storage: torch.Tensor | None, new: torch.Tensor
+    current: torch.Tensor | None, storage: torch.Tensor | None, new: torch.Tensor, feature_major: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Append ``new`` ``[..., T, D]`` to ``current`` ``[..., L, D]`` along dim -2.
 
     Returns ``(view, storage)``: ``view`` is ``[..., L + T, D]``, equal to ``torch.cat([current, new], -2)``,
     and a prefix view of ``storage``, to pass back on the next call. ``current`` that is not a prefix view
-    of ``storage`` (a cache operation replaced it) starts a new storage.
+    of ``storage`` (a cache operation replaced it) starts a new storage, feature-major if ``feature_major``.
     """
     if current is None or current.numel() == 0:  # DynamicLayer starts from an empty 1-D tensor
         current = new[..., :0, :]
@@ -46,7 +50,10 @@ def append_rows(
     needed = length + added
     if storage is None or not _is_prefix_view(current, storage) or storage.shape[-2] < needed:
         capacity = needed + max(MIN_SPARE_ROWS, needed // SPARE_FRACTION)
-        grown = new.new_empty((*new.shape[:-2], capacity, new.shape[-1]))
+        if feature_major:  # [..., D, capacity] memory, seen as [..., capacity, D]
+            grown = new.new_empty((*new.shape[:-2], new.shape[-1], capacity)).transpose(-1, -2)
+        else:
+            grown = new.new_empty((*new.shape[:-2], capacity, new.shape[-1]))
         grown[..., :length, :] = current
         storage = grown
     storage[..., length:needed, :] = new

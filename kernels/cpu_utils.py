@@ -1,0 +1,34 @@
+"""Shared pieces of the numba CPU kernels: availability and flat views of cache tensors.
+
+The CPU kernels are compiled by numba (``pip install butler-cache[cpu]``); without numba the PyTorch
+paths serve CPUs. They read the caches in place: a ``[B, H, L, D]`` tensor whose rows are contiguous
+(any prefix view of the storages `ButlerLayer` keeps) is handed over as one flat float32 array plus
+the element offsets of its (b, h) row blocks and its row stride.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import torch
+
+NUMBA_AVAILABLE = importlib.util.find_spec("numba") is not None
+
+
+def flat_rows(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray, int]:
+    """``x`` ``[B, H, L, D]`` (float32, CPU) as ``(flat, offsets, row_stride)``.
+
+    ``flat`` is a 1-D numpy view over the memory ``x`` spans, ``offsets`` ``[B, H]`` int64 the element where
+    row 0 of each (b, h) starts in ``flat``, ``row_stride`` the elements between consecutive rows; row
+    ``l`` of (b, h) is ``flat[offsets[b, h] + l * row_stride :][:D]``.
+    """
+    B, H, L, D = x.shape
+    s_b, s_h, s_l, s_d = x.stride()
+    if s_d != 1 and D > 1:
+        raise ValueError(f"flat_rows needs contiguous rows (last stride 1), got strides {x.stride()}")
+    s_l = s_l if L > 1 else D
+    span = (B - 1) * s_b + (H - 1) * s_h + (L - 1) * s_l + D  # elements from the first to the last one
+    flat = torch.as_strided(x, (span,), (1,)).numpy()
+    offsets = (np.arange(B, dtype=np.int64)[:, None] * s_b + np.arange(H, dtype=np.int64)[None, :] * s_h)
+    return flat, np.ascontiguousarray(offsets), int(s_l)

@@ -1,0 +1,151 @@
+"""The numba CPU kernels (fused scoring + top-k, sparse decode attention) against their PyTorch references."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from butler_cache import ButlerCache, ButlerConfig, ButlerPredictor
+from butler_cache.budget import TokenBudget
+from butler_cache.kernels import NUMBA_AVAILABLE
+from butler_cache.kernels.scoring import score_reference
+from butler_cache.kernels.sparse_attention import sparse_attention_naive
+from butler_cache.selection import select_decode_tokens
+
+from ..conftest import random_batch, tiny_model
+
+pytestmark = pytest.mark.skipif(not NUMBA_AVAILABLE, reason="numba not installed")
+
+
+def _keys(B, H, L, E, spare, feature_major, gen):
+    if feature_major:  # what ButlerLayer keeps with the numba backend: [B, H, E, capacity] memory
+        return torch.randn(B, H, E, L + spare, generator=gen).transpose(-1, -2)[:, :, :L]
+    return torch.randn(B, H, L + spare, E, generator=gen)[:, :, :L]
+
+
+@settings(max_examples=20)
+@given(B=st.integers(1, 2), H=st.integers(1, 3), G=st.sampled_from([1, 2, 3, 8]), L=st.integers(2, 1500),
+       E=st.sampled_from([4, 16, 32]), sinks=st.integers(0, 4), window=st.integers(1, 16), frac=st.floats(0.0, 1.0),
+       spare=st.integers(0, 9), feature_major=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_fused_scoring_selects_the_reference_top_k(B, H, G, L, E, sinks, window, frac, spare, feature_major, seed):
+    from butler_cache.kernels.scoring.cpu import score_select_decode_cpu
+
+    forced = sinks + window
+    if forced >= L:
+        return
+    n = forced + int(frac * (L - 1 - forced))  # forced <= n < L
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H * G, 1, E, generator=gen)
+    k = _keys(B, H, L, E, spare, feature_major, gen)
+    got = score_select_decode_cpu(q, k, E**-0.5, sinks, window, n)  # [B, H, 1, n]
+    assert got.shape == (B, H, 1, n)
+    scores = score_reference(q, k, E**-0.5)  # [B, H, 1, L]
+    ref = select_decode_tokens(scores, TokenBudget(n, None, sinks, window))
+    for b in range(B):
+        for h in range(H):
+            chosen, expected = set(got[b, h, 0].tolist()), set(ref.indices[b, h, 0].tolist())
+            assert len(chosen) == n  # no position twice
+            if chosen != expected:  # only ties may differ: the scores at the cut must match
+                s = scores[b, h, 0]
+                diff = sorted(chosen ^ expected)
+                torch.testing.assert_close(s[diff].min(), s[diff].max(), rtol=0, atol=1e-5)
+
+
+@settings(max_examples=20)
+@given(B=st.integers(1, 2), H=st.integers(1, 3), G=st.sampled_from([1, 2, 3, 4, 8]), L=st.integers(1, 300),
+       spare=st.integers(0, 20), frac=st.floats(0.05, 1.0), D=st.sampled_from([16, 64, 80, 128]),
+       masked=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_cpu_decode_attention_matches_reference(B, H, G, L, spare, frac, D, masked, seed):
+    from butler_cache.kernels.sparse_attention.cpu import sparse_decode_attention_cpu
+
+    gen = torch.Generator().manual_seed(seed)
+    S = max(1, int(frac * L))
+    q = torch.randn(B, H * G, 1, D, generator=gen)
+    k = torch.randn(B, H, L + spare, D, generator=gen)[:, :, :L]
+    v = torch.randn(B, H, L + spare, D, generator=gen)[:, :, :L]
+    idx = torch.rand(B, H, 1, L, generator=gen).argsort(-1)[..., :S]
+    keep = torch.rand(B, H, 1, S, generator=gen) < 0.7 if masked else torch.ones(B, H, 1, S, dtype=torch.bool)
+    ref = sparse_attention_naive(q.double(), k.double(), v.double(), idx, keep, D**-0.5)
+    got = sparse_decode_attention_cpu(q, k, v, idx, keep if masked else None, D**-0.5)
+    assert got.shape == (B, 1, H * G, D) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=15)
+@given(B=st.integers(1, 2), H=st.integers(1, 3), G=st.sampled_from([1, 2, 3, 4]), L=st.integers(24, 900),
+       E=st.sampled_from([8, 16]), D=st.sampled_from([16, 64]), frac=st.floats(0.0, 1.0), spare=st.integers(0, 9),
+       seed=st.integers(0, 2**31 - 1))
+def test_fused_decode_step_matches_the_separate_references(B, H, G, L, E, D, frac, spare, seed):
+    """score + select + attend in one call == sparse_attention_naive over the reference selection."""
+    from butler_cache.kernels.decode_step_cpu import butler_decode_cpu
+
+    sinks, window = 4, 8
+    n = sinks + window + int(frac * (L - 1 - sinks - window))
+    gen = torch.Generator().manual_seed(seed)
+    qi = torch.randn(B, H * G, 1, E, generator=gen)
+    ik = _keys(B, H, L, E, spare, True, gen)
+    q = torch.randn(B, H * G, 1, D, generator=gen)
+    k = torch.randn(B, H, L + spare, D, generator=gen)[:, :, :L]
+    v = torch.randn(B, H, L + spare, D, generator=gen)[:, :, :L]
+    scores = score_reference(qi, ik, E**-0.5)
+    middle = scores[..., sinks : L - window].sort(-1, descending=True).values
+    m = n - sinks - window
+    if 0 < m < middle.shape[-1]:  # a near-tie at the cut may fall either way: compare only clear cuts
+        assume((middle[..., m - 1] - middle[..., m]).min() > 1e-4)
+    selection = select_decode_tokens(scores, TokenBudget(n, None, sinks, window))
+    ref = sparse_attention_naive(q.double(), k.double(), v.double(), selection.indices, selection.keep, D**-0.5)
+    got = butler_decode_cpu(qi, ik, E**-0.5, q, k, v, D**-0.5, sinks, window, n)
+    assert got.shape == (B, 1, H * G, D)
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs, kernels",
+    [
+        (dict(), {"decode_step_cpu.butler_decode_cpu"}),
+        (dict(record_stats=True), {"scoring.cpu.score_select_decode_cpu", "sparse_attention.cpu.sparse_decode_attention_cpu"}),
+        (dict(policy="oracle"), {"sparse_attention.cpu.sparse_decode_attention_cpu"}),
+    ],
+    ids=["fused", "separate-kernels", "oracle"],
+)
+def test_numba_paths_through_generate_equal_torch(kwargs, kernels, monkeypatch):
+    """The fused step (default), the separate scoring and attention kernels (stats recorded), and the attention
+    kernel alone (oracle policy) all generate what the PyTorch paths generate."""
+    called = set()
+    for name in kernels:
+        module_name, fn_name = name.rsplit(".", 1)
+        module = importlib.import_module(f"butler_cache.kernels.{module_name}")
+        fn = getattr(module, fn_name)
+        monkeypatch.setattr(module, fn_name, lambda *a, _fn=fn, _name=name: called.add(_name) or _fn(*a))
+    model = tiny_model("qwen2", seed=5, num_attention_heads=6, num_key_value_heads=2)
+    torch.manual_seed(0)
+    predictor = ButlerPredictor(ButlerConfig.for_model(model))
+    ids, _ = random_batch(2, 30, seed=2)
+    gen_kwargs = dict(input_ids=ids, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    runs = {}
+    for backend in ("torch", "numba"):
+        cache = ButlerCache(model, predictor, token_budget=12, sink_tokens=2, local_window=2, backend=backend, **kwargs)
+        runs[backend] = model.generate(**gen_kwargs, past_key_values=cache)
+        if cache.predictor is not None:
+            layer = cache.layers[cache.sparse_layers[0]]
+            assert (layer.importance_keys.stride(-2) == 1) == (backend == "numba")  # feature-major under numba
+    assert torch.equal(runs["torch"].sequences, runs["numba"].sequences)
+    for a, b in zip(runs["torch"].logits, runs["numba"].logits, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert called == kernels  # the decode steps went through those kernels
+
+
+def test_numba_backend_falls_back_to_torch_for_other_dtypes():
+    model = tiny_model("llama", seed=2, dtype=torch.bfloat16, num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    predictor = ButlerPredictor(ButlerConfig.for_model(model))
+    ids, _ = random_batch(1, 30, seed=1)
+    out = {}
+    for backend in ("torch", "numba"):
+        cache = ButlerCache(model, predictor, token_budget=12, sink_tokens=2, local_window=2, backend=backend)
+        out[backend] = model.generate(input_ids=ids, max_new_tokens=5, do_sample=False, past_key_values=cache)
+    assert torch.equal(out["torch"], out["numba"])
