@@ -90,6 +90,6 @@ def numba_serves(*tensors: torch.Tensor) -> bool:
 
 
 __all__ = [
-    "BACKENDS", "NUMBA_AVAILABLE", "numba_serves", "check_backend", "resolve_backend", "sparse_attention", "sparse_attention_naive",
-    "sparse_decode_attention_torch",
+    "BACKENDS", "NUMBA_AVAILABLE", "TRITON_AVAILABLE", "check_backend", "numba_serves", "resolve_backend",
+    "sparse_attention", "sparse_attention_naive", "sparse_decode_attention_torch",
 ]

@@ -16,19 +16,25 @@ import torch
 NUMBA_AVAILABLE = importlib.util.find_spec("numba") is not None
 
 
-def flat_rows(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray, int]:
-    """``x`` ``[B, H, L, D]`` (float32, CPU) as ``(flat, offsets, row_stride)``.
+def flat_view(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """``x`` ``[B, H, L, D]`` (CPU, non-negative strides) as ``(flat, offsets, token_stride, feature_stride)``.
 
-    ``flat`` is a 1-D numpy view over the memory ``x`` spans, ``offsets`` ``[B, H]`` int64 the element where
-    row 0 of each (b, h) starts in ``flat``, ``row_stride`` the elements between consecutive rows; row
-    ``l`` of (b, h) is ``flat[offsets[b, h] + l * row_stride :][:D]``.
+    ``flat`` is a 1-D numpy view over the memory ``x`` spans (no copy); ``offsets`` ``[B, H]`` int64 the element
+    of ``flat`` where ``x[b, h, 0, 0]`` lies; ``x[b, h, l, d]`` is ``flat[offsets[b, h] + l * token_stride +
+    d * feature_stride]``.
     """
     B, H, L, D = x.shape
     s_b, s_h, s_l, s_d = x.stride()
-    if s_d != 1 and D > 1:
-        raise ValueError(f"flat_rows needs contiguous rows (last stride 1), got strides {x.stride()}")
-    s_l = s_l if L > 1 else D
-    span = (B - 1) * s_b + (H - 1) * s_h + (L - 1) * s_l + D  # elements from the first to the last one
+    span = 1 + (B - 1) * s_b + (H - 1) * s_h + (L - 1) * s_l + (D - 1) * s_d
     flat = torch.as_strided(x, (span,), (1,)).numpy()
-    offsets = (np.arange(B, dtype=np.int64)[:, None] * s_b + np.arange(H, dtype=np.int64)[None, :] * s_h)
-    return flat, np.ascontiguousarray(offsets), int(s_l)
+    offsets = np.arange(B, dtype=np.int64)[:, None] * s_b + np.arange(H, dtype=np.int64)[None, :] * s_h
+    return flat, np.ascontiguousarray(offsets), int(s_l), int(s_d)
+
+
+def flat_rows(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray, int]:
+    """`flat_view` of a tensor whose rows are contiguous: ``(flat, offsets, row_stride)``, row ``l`` of (b, h)
+    being ``flat[offsets[b, h] + l * row_stride :][:D]``."""
+    flat, offsets, s_l, s_d = flat_view(x)
+    if s_d != 1 and x.shape[-1] > 1:
+        raise ValueError(f"flat_rows needs contiguous rows (last stride 1), got strides {x.stride()}")
+    return flat, offsets, s_l

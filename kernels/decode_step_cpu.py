@@ -13,7 +13,7 @@ import numba
 import numpy as np
 import torch
 
-from .cpu_utils import flat_rows
+from .cpu_utils import flat_rows, flat_view
 from .scoring.cpu import _BLOCK, select_one
 from .sparse_attention.cpu import attend_one
 
@@ -61,15 +61,12 @@ def butler_decode_cpu(
         raise ValueError(f"butler_decode_cpu serves one query row per sequence, got {T} and {query.shape[2]}")
     if not sinks + window <= n < L:
         raise ValueError(f"budget n={n} must hold sinks + window = {sinks + window} and be below the context L={L}")
-    qi = (importance_queries.reshape(B, H, G, E).to(torch.float32) * importance_scale).numpy()
-    s_b, s_h, s_l, s_e = importance_keys.stride()
-    span = 1 + sum((size - 1) * st for size, st in zip(importance_keys.shape, importance_keys.stride(), strict=True))
-    ik = torch.as_strided(importance_keys, (span,), (1,)).numpy()
-    ik_off = np.arange(B * H, dtype=np.int64).reshape(B, H)
-    ik_off = (ik_off // H) * s_b + (ik_off % H) * s_h
+    qi = (importance_queries.reshape(B, H, G, E).to(torch.float32) * importance_scale).numpy()  # [B, H, G, d']
+    q = query.reshape(B, H, G, D).contiguous().numpy()  # [B, H, G, D]
+    ik, ik_off, s_l, s_e = flat_view(importance_keys)
     k_flat, k_off, k_row = flat_rows(key)
     v_flat, v_off, v_row = flat_rows(value)
     out = torch.empty(B, H, G, Dv)
-    _decode_step_kernel(qi, ik, ik_off, s_l, s_e, query.reshape(B, H, G, D).contiguous().numpy(), k_flat, k_off, k_row, v_flat, v_off, v_row,
-         L, sinks, window, n, np.float32(scale), out.numpy())
+    _decode_step_kernel(qi, ik, ik_off, s_l, s_e, q, k_flat, k_off, k_row, v_flat, v_off, v_row, L, sinks, window, n,
+                        np.float32(scale), out.numpy())
     return out.view(B, 1, HQ, Dv)

@@ -16,6 +16,7 @@ import numba
 import numpy as np
 import torch
 
+from ..cpu_utils import flat_view
 from ..numba_math import exp_inplace
 
 
@@ -162,14 +163,7 @@ def score_select_decode_cpu(
     q = (queries.reshape(B, H, HQ // H, E).to(torch.float32) * scale).contiguous()  # [B, H, G, d']
     if keys.dtype != torch.float32 or keys.device.type != "cpu":
         raise ValueError(f"score_select_decode_cpu takes float32 CPU keys, got {keys.dtype} on {keys.device}")
-    s_l, s_e = keys.stride(2), keys.stride(3)
-    flat = torch.as_strided(keys, (_span(keys),), (1,)).numpy()
-    offsets = np.ascontiguousarray(np.arange(B)[:, None] * keys.stride(0) + np.arange(H)[None, :] * keys.stride(1))
+    flat, offsets, s_l, s_e = flat_view(keys)
     out = torch.empty(B, H, n, dtype=torch.int64)
-    _score_select_kernel(q.numpy(), flat, offsets.astype(np.int64), s_l, s_e, L, sinks, window, out.numpy())
+    _score_select_kernel(q.numpy(), flat, offsets, s_l, s_e, L, sinks, window, out.numpy())
     return out[:, :, None]
-
-
-def _span(x: torch.Tensor) -> int:
-    """Elements from the first to the last element of ``x`` in memory (non-negative strides)."""
-    return 1 + sum((size - 1) * stride for size, stride in zip(x.shape, x.stride(), strict=True))

@@ -20,8 +20,9 @@ class ButlerPolicy(SelectionPolicy):
     name = "butler"
     requires_predictor = True
 
-    def attend_decode(self, inputs: ScoringInputs, value: torch.Tensor, budget: TokenBudget) -> torch.Tensor | None:
-        """On CPUs with the numba backend: the whole decode step of the layer in one compiled call."""
+    def _numba_budget(self, inputs: ScoringInputs, budget: TokenBudget) -> int | None:
+        """The row budget when the numba CPU kernels can serve this decode step, else None (the PyTorch path
+        runs, and `score` raises on out-of-sync predictor state)."""
         layer = inputs.layer
         queries, keys = layer.importance_queries, layer.importance_keys
         L = inputs.key.shape[2]
@@ -34,35 +35,34 @@ class ButlerPolicy(SelectionPolicy):
             or keys.shape[2] != L
             or resolve_backend(layer.settings.backend, keys.device) != "numba"
             or keys.dtype != torch.float32
-            or not numba_serves(inputs.query, inputs.key, value)
         ):
+            return None
+        return n
+
+    def attend_decode(self, inputs: ScoringInputs, value: torch.Tensor, budget: TokenBudget) -> torch.Tensor | None:
+        """On CPUs with the numba backend: the whole decode step of the layer in one compiled call."""
+        n = self._numba_budget(inputs, budget)
+        if n is None or not numba_serves(inputs.query, inputs.key, value):
             return None
         from ..kernels.decode_step_cpu import butler_decode_cpu
 
-        return butler_decode_cpu(queries, keys, layer.predictor.config.score_scale, inputs.query, inputs.key, value,
-                                 inputs.scaling, budget.sink_tokens, budget.local_window, n)
+        layer = inputs.layer
+        return butler_decode_cpu(
+            layer.importance_queries, layer.importance_keys, layer.predictor.config.score_scale,
+            inputs.query, inputs.key, value, inputs.scaling, budget.sink_tokens, budget.local_window, n,
+        )  # [B, 1, HQ, Dv]
 
     def select_decode(self, inputs: ScoringInputs, budget: TokenBudget) -> Selection | None:
         """On CPUs with the numba backend: scoring and top-k in one compiled pass per KV head."""
-        layer = inputs.layer
-        queries, keys = layer.importance_queries, layer.importance_keys
-        L = inputs.key.shape[2]
-        n = budget.max_selected(L)
-        if (
-            not inputs.all_valid
-            or n >= L
-            or queries is None
-            or keys is None
-            or keys.shape[2] != L
-            or resolve_backend(layer.settings.backend, keys.device) != "numba"
-            or keys.dtype != torch.float32
-        ):
-            return None  # `score` runs (and raises on out-of-sync predictor state)
+        n = self._numba_budget(inputs, budget)
+        if n is None:
+            return None
         from ..kernels.scoring.cpu import score_select_decode_cpu
 
-        scale = layer.predictor.config.score_scale
-        indices = score_select_decode_cpu(queries, keys, scale, budget.sink_tokens, budget.local_window, n)
-        return Selection(indices, torch.ones_like(indices, dtype=torch.bool), all_kept=True)
+        layer = inputs.layer
+        indices = score_select_decode_cpu(layer.importance_queries, layer.importance_keys,
+                                          layer.predictor.config.score_scale, budget.sink_tokens, budget.local_window, n)
+        return Selection(indices, torch.ones_like(indices, dtype=torch.bool), all_kept=True)  # [B, H_kv, 1, n]
 
     def score(self, inputs: ScoringInputs) -> torch.Tensor:
         layer = inputs.layer
