@@ -52,6 +52,7 @@ def main() -> None:
     parser.add_argument("--oracle-intervals", default="1",
                         help="accuracy: also the oracle at these intervals (a control: what reusing a selection "
                              "costs when the selection itself is exact)")
+    parser.add_argument("--backend", default="torch", help="butler caches' backend (torch or numba on CPUs)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
@@ -65,7 +66,7 @@ def main() -> None:
 
     def butler(budget: int, interval: int, neighbours: bool) -> ButlerCache:
         return ButlerCache(model, predictor, token_budget=budget, prediction_interval=interval,
-                           neighbor_fetch=neighbours, backend="torch")
+                           neighbor_fetch=neighbours, backend=args.backend)
 
     def name(interval: int, neighbours: bool) -> str:
         return f"butler, interval {interval}" + (" + neighbours" if neighbours else "")
