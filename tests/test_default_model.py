@@ -48,14 +48,20 @@ def test_smollm2_full_budget_equals_dense(smollm):
 @pytest.mark.slow
 def test_cli_generate_reports_sparse_steps(smollm, monkeypatch, capsys):
     import butler_cache.default_model as default_model
+    from butler_cache.kernels import NUMBA_AVAILABLE
 
     monkeypatch.setattr(default_model, "load_model", lambda name: smollm)
-    code = cli.main(["generate", "--prompt", "List three fruits.", "--token-budget", "48", "--max-new-tokens", "24"])
-    out = capsys.readouterr().out
-    assert code == 0
-    assert "sparse steps:" in out and "ms per token" in out
-    sparse = int(out.split("sparse steps: ")[1].split("/")[0])
-    assert sparse > 0  # prompt (~37 tokens) + 24 new tokens exceed the 48-token budget
+    answers = {}
+    for backend in ["auto"] + (["numba"] if NUMBA_AVAILABLE else []):
+        code = cli.main(["generate", "--prompt", "List three fruits.", "--token-budget", "48", "--max-new-tokens", "24",
+                         "--backend", backend])
+        out = capsys.readouterr().out
+        assert code == 0
+        assert "sparse steps:" in out and "ms per token" in out
+        sparse = int(out.split("sparse steps: ")[1].split("/")[0])
+        assert sparse > 0  # prompt (~37 tokens) + 24 new tokens exceed the 48-token budget
+        answers[backend] = out.split("\n\nmodel:")[0]
+    assert len(set(answers.values())) == 1, answers  # the numba kernels generate what the PyTorch path does
 
 
 def test_cli_butler_policy_needs_a_predictor(monkeypatch, capsys):

@@ -11,6 +11,7 @@ import torch
 from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 
 from .cache import ButlerCache, StepStats
+from .kernels import BACKENDS
 from .policies import POLICIES
 
 
@@ -90,7 +91,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         inputs = tokenizer(args.prompt, return_tensors="pt")
     prompt_len = inputs["input_ids"].shape[1]
     budget = {"token_budget": args.token_budget} if args.budget_ratio is None else {"budget_ratio": args.budget_ratio}
-    common = {"sink_tokens": args.sink_tokens, "local_window": args.local_window, "record_stats": True, **budget}
+    common = {"sink_tokens": args.sink_tokens, "local_window": args.local_window, "record_stats": True,
+              "backend": args.backend, **budget}
     if args.policy == "butler":
         cache = ButlerCache.from_pretrained(args.predictor, model, policy="butler", **common)
     else:
@@ -143,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--budget-ratio", type=float, default=None, help="fraction of the context instead of a count")
     gen.add_argument("--sink-tokens", type=int, default=4)
     gen.add_argument("--local-window", type=int, default=16)
+    gen.add_argument("--backend", default="auto", choices=BACKENDS,
+                     help="kernels: auto (Triton on CUDA, PyTorch otherwise), torch, triton, numba (compiled CPU kernels)")
     gen.add_argument("--max-new-tokens", type=int, default=96)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     gen.add_argument("--seed", type=int, default=0)
