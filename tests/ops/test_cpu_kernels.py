@@ -109,12 +109,16 @@ def test_fused_decode_step_matches_the_separate_references(B, H, G, L, E, D, fra
         (dict(), {"decode_step_cpu.butler_decode_cpu"}),
         (dict(record_stats=True), {"scoring.cpu.score_select_decode_cpu", "sparse_attention.cpu.sparse_decode_attention_cpu"}),
         (dict(policy="oracle"), {"sparse_attention.cpu.sparse_decode_attention_cpu"}),
+        (dict(predictor_type="attentive"), {"sparse_attention.cpu.sparse_decode_attention_cpu"}),
     ],
-    ids=["fused", "separate-kernels", "oracle"],
+    ids=["fused", "separate-kernels", "oracle", "attentive-predictor"],
 )
 def test_numba_paths_through_generate_equal_torch(kwargs, kernels, monkeypatch):
     """The fused step (default), the separate scoring and attention kernels (stats recorded), and the attention
-    kernel alone (oracle policy) all generate what the PyTorch paths generate."""
+    kernel alone (oracle policy; the attentive predictor, whose importance keys are per query head, which the
+    scoring kernels do not group) all generate what the PyTorch paths generate."""
+    kwargs = dict(kwargs)
+    predictor_type = kwargs.pop("predictor_type", "strided")
     called = set()
     for name in kernels:
         module_name, fn_name = name.rsplit(".", 1)
@@ -123,14 +127,14 @@ def test_numba_paths_through_generate_equal_torch(kwargs, kernels, monkeypatch):
         monkeypatch.setattr(module, fn_name, lambda *a, _fn=fn, _name=name: called.add(_name) or _fn(*a))
     model = tiny_model("qwen2", seed=5, num_attention_heads=6, num_key_value_heads=2)
     torch.manual_seed(0)
-    predictor = ButlerPredictor(ButlerConfig.for_model(model))
+    predictor = ButlerPredictor(ButlerConfig.for_model(model, predictor_type=predictor_type))
     ids, _ = random_batch(2, 30, seed=2)
     gen_kwargs = dict(input_ids=ids, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
     runs = {}
     for backend in ("torch", "numba"):
         cache = ButlerCache(model, predictor, token_budget=12, sink_tokens=2, local_window=2, backend=backend, **kwargs)
         runs[backend] = model.generate(**gen_kwargs, past_key_values=cache)
-        if cache.predictor is not None:
+        if cache.predictor is not None and predictor_type == "strided":
             layer = cache.layers[cache.sparse_layers[0]]
             assert (layer.importance_keys.stride(-2) == 1) == (backend == "numba")  # feature-major under numba
     assert torch.equal(runs["torch"].sequences, runs["numba"].sequences)

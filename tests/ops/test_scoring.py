@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -29,14 +30,17 @@ def test_scoring_kernel_matches_reference(B, H, G, L, E, dtype, seed):
     torch.testing.assert_close(ref.exp(), probs, rtol=1e-4, atol=1e-6)
 
 
-def test_unpadded_generate_uses_the_kernel_and_matches_torch(monkeypatch):
+@pytest.mark.parametrize("predictor_type", ["strided", "attentive"])
+def test_unpadded_generate_uses_the_kernel_and_matches_torch(monkeypatch, predictor_type):
+    """Also with importance keys per query head (attentive predictor): the kernel's per-key-head scores are then
+    reduced over each KV group."""
     import butler_cache.kernels.scoring.decode as decode
 
     calls = []
     monkeypatch.setattr(decode, "score_decode", lambda *a: calls.append(1) or score_decode(*a))
     model = tiny_model("llama", seed=6, num_attention_heads=6, num_key_value_heads=2)
     torch.manual_seed(0)
-    predictor = ButlerPredictor(ButlerConfig.for_model(model))
+    predictor = ButlerPredictor(ButlerConfig.for_model(model, predictor_type=predictor_type))
     ids, mask = random_batch(2, 40, seed=3)
     out = {}
     for backend in ("torch", "triton"):

@@ -35,6 +35,7 @@ class ButlerPolicy(SelectionPolicy):
             or keys.shape[2] != L
             or resolve_backend(layer.settings.backend, keys.device) != "numba"
             or keys.dtype != torch.float32
+            or keys.shape[1] != inputs.num_key_value_heads  # the kernels group by importance-key head
         ):
             return None
         return n
@@ -83,7 +84,12 @@ class ButlerPolicy(SelectionPolicy):
             # one decode row, no padding: the fused kernel ranks in one pass over the importance keys
             from ..kernels.scoring.decode import score_decode
 
-            return score_decode(queries, keys, layer.predictor.config.score_scale)  # log of the same scores
+            scores = score_decode(queries, keys, layer.predictor.config.score_scale)  # [B, H_k, 1, L], log-probabilities
+            B, H_k, _, L = scores.shape
+            H = inputs.num_key_value_heads
+            if H_k != H:  # importance keys per query head (attentive predictor): the max over each KV group
+                scores = scores.view(B, H, H_k // H, 1, L).amax(dim=2)
+            return scores  # [B, H_kv, 1, L]: the log of the same scores
         logits = layer.predictor.score_logits(queries, keys)  # [B, HQ, T, L]
         valid = None if inputs.all_valid else inputs.valid
         return group_max_probabilities(logits, valid, inputs.num_key_value_heads)
