@@ -5,6 +5,11 @@ head's log-sum-exp, group max, radix top-k) and `sparse_attention.cpu.attend_one
 rows read in place) back to back, the (b, h) pairs spread over numba's threads. Equal to
 ``sparse_attention(query, key, value, select_decode_tokens(score_reference(...)).indices, ...)`` up to
 ties in the selection and float rounding.
+
+numba's on-disk cache is keyed on each function's own source file: the compiled helpers inlined here
+from `scoring/cpu.py`, `sparse_attention/cpu.py` and `numba_math.py` do not invalidate it. After
+editing those files, delete ``kernels/**/__pycache__/*.nb[ic]`` (an installed release updates all
+files together, so users never see a stale mix).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import numpy as np
 import torch
 
 from .cpu_utils import flat_rows, flat_view
-from .scoring.cpu import _BLOCK, select_one
+from .scoring.cpu import select_one
 from .sparse_attention.cpu import attend_one
 
 
@@ -30,9 +35,9 @@ def _decode_step_kernel(qi, ik, ik_off, ik_sl, ik_se, q, k, k_off, k_row, v, v_o
         idx = np.empty(n, np.int64)
         logits = np.empty((G, L), np.float32)
         select_one(qi[b, h], ik, ik_off[b, h], ik_sl, ik_se, L, sinks, window, idx, logits, np.empty(G, np.float32),
-                   np.empty(_BLOCK, np.float32), np.empty(max(_BLOCK, n), np.int32), np.empty(L, np.float32))
+                   np.empty(L, np.float32))
         attend_one(q[b, h], k, k_off[b, h], k_row, v, v_off[b, h], v_row, idx, np.ones(1, np.bool_), False, scale,
-                   out[b, h], logits, np.empty(max(_BLOCK, n), np.int32), np.empty((G, Dv), np.float32))
+                   out[b, h], logits, np.empty(n, np.int32), np.empty((G, Dv), np.float32))
 
 
 

@@ -41,17 +41,19 @@ def _kth_largest_key(keys: np.ndarray, m: int) -> tuple[np.uint32, int]:
     return prefix, remaining
 
 
-_BLOCK = 512  # tokens per block of the scoring loop (its G rows of logits stay in L1)
+_BLOCK = 2048  # tokens per block of the scoring loop (its G rows of logits stay in L1)
 
 
 @numba.njit(fastmath=True, nogil=True, cache=True, error_model="numpy")
-def _logits_and_lse(q, k, k_off, s_l, s_e, L, logits, lse, work, bits):
+def _logits_and_lse(q, k, k_off, s_l, s_e, L, logits, lse):
     """``logits[g, l] = q[g] . k[l]`` over one (b, h) and each head's log-sum-exp, in one pass over the keys.
 
     ``q`` ``[G, E]`` (scale folded in), ``k`` flat with the (b, h) block at ``k_off``, token stride ``s_l``,
-    feature stride ``s_e``; ``logits`` ``[G, >= L]``, ``lse`` ``[G]``; ``work``/``bits`` scratch ``[_BLOCK]``.
+    feature stride ``s_e``; ``logits`` ``[G, >= L]``, ``lse`` ``[G]``.
     """
     G, E = q.shape
+    work = np.empty(_BLOCK, np.float32)
+    bits = np.empty(_BLOCK, np.int32)
     peak = np.full(G, -np.inf, np.float32)
     total = np.zeros(G, np.float32)
     for l0 in range(0, L, _BLOCK):
@@ -93,18 +95,18 @@ def _logits_and_lse(q, k, k_off, s_l, s_e, L, logits, lse, work, bits):
 
 
 @numba.njit(fastmath=True, nogil=True, cache=True, error_model="numpy")
-def select_one(q, k, k_off, s_l, s_e, L, sinks, window, out, logits, lse, work, bits, best):
+def select_one(q, k, k_off, s_l, s_e, L, sinks, window, out, logits, lse, best):
     """The selection of one (b, h): ``out`` ``[n]`` int64 gets the sinks, the window, then the top
     ``n - sinks - window`` tokens between them by ``max_g (logit_g - logsumexp_g)``, in position order.
 
     ``q`` ``[G, E]`` (scale folded in); keys flat from ``k_off`` with token / feature strides ``s_l`` / ``s_e``;
-    scratch: ``logits`` ``[G, >= L]``, ``lse`` ``[G]``, ``work``/``bits`` ``[_BLOCK]``, ``best`` ``[>= L]``.
+    scratch: ``logits`` ``[G, >= L]``, ``lse`` ``[G]``, ``best`` ``[>= L]``.
     """
     G = q.shape[0]
     n = out.shape[0]
     inner = L - sinks - window  # tokens ranked
     m = n - sinks - window  # tokens chosen among them
-    _logits_and_lse(q, k, k_off, s_l, s_e, L, logits, lse, work, bits)
+    _logits_and_lse(q, k, k_off, s_l, s_e, L, logits, lse)
     for i in range(inner):
         best[i] = logits[0, sinks + i] - lse[0]
     for g in range(1, G):
@@ -137,12 +139,10 @@ def _score_select_kernel(q, k, k_off, s_l, s_e, L, sinks, window, out):
     B, H, G, E = q.shape
     logits = np.empty((G, L), np.float32)
     lse = np.empty(G, np.float32)
-    work = np.empty(_BLOCK, np.float32)
-    bits = np.empty(_BLOCK, np.int32)
     best = np.empty(L, np.float32)
     for b in range(B):
         for h in range(H):
-            select_one(q[b, h], k, k_off[b, h], s_l, s_e, L, sinks, window, out[b, h], logits, lse, work, bits, best)
+            select_one(q[b, h], k, k_off[b, h], s_l, s_e, L, sinks, window, out[b, h], logits, lse, best)
 
 
 def score_select_decode_cpu(

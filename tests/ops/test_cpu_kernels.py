@@ -55,6 +55,25 @@ def test_fused_scoring_selects_the_reference_top_k(B, H, G, L, E, sinks, window,
                 torch.testing.assert_close(s[diff].min(), s[diff].max(), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("L", [2048, 2049, 5000])
+def test_fused_scoring_across_several_blocks(L):
+    """Contexts longer than one block of the scoring loop: the running log-sum-exp carries across blocks."""
+    from butler_cache.kernels.scoring.cpu import _BLOCK, score_select_decode_cpu
+
+    assert L >= _BLOCK  # what this test is about
+    gen = torch.Generator().manual_seed(L)
+    q = torch.randn(1, 6, 1, 16, generator=gen) * 3  # peaky: the heads' normalisers differ
+    k = _keys(1, 2, L, 16, 5, True, gen)
+    n = 300
+    got = score_select_decode_cpu(q, k, 0.25, 4, 16, n)
+    scores = score_reference(q, k, 0.25)
+    ref = select_decode_tokens(scores, TokenBudget(n, None, 4, 16))
+    for h in range(2):
+        chosen, expected = set(got[0, h, 0].tolist()), set(ref.indices[0, h, 0].tolist())
+        diff = sorted(chosen ^ expected)
+        assert len(diff) <= 2 and (not diff or (scores[0, h, 0, diff].max() - scores[0, h, 0, diff].min()) < 1e-5)
+
+
 @settings(max_examples=20)
 @given(B=st.integers(1, 2), H=st.integers(1, 3), G=st.sampled_from([1, 2, 3, 4, 8]), L=st.integers(1, 300),
        spare=st.integers(0, 20), frac=st.floats(0.05, 1.0), D=st.sampled_from([16, 64, 80, 128]),
