@@ -19,11 +19,12 @@ import numpy as np
 import torch
 
 from .cpu_utils import flat_rows, flat_view
+from .numba_math import FASTMATH
 from .scoring.cpu import select_one
 from .sparse_attention.cpu import attend_one
 
 
-@numba.njit(fastmath=True, nogil=True, cache=True, error_model="numpy", parallel=True)
+@numba.njit(fastmath=FASTMATH, nogil=True, cache=True, error_model="numpy", parallel=True)
 def _decode_step_kernel(qi, ik, ik_off, ik_sl, ik_se, q, k, k_off, k_row, v, v_off, v_row, L, sinks, window, n, scale, out):
     """``qi`` ``[B, H, G, E]`` importance queries (scale folded in), importance keys flat from ``ik_off`` ``[B, H]``
     with token / feature strides; ``q`` ``[B, H, G, D]``; K/V flat with offsets ``[B, H]`` and row strides;

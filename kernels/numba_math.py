@@ -5,12 +5,16 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+# LLVM fast-math flags for the CPU kernels: reassociation (vectorised reductions), contraction (FMA) and
+# approximate functions, but not "no NaNs" / "no infinities": the kernels use -inf as a start value and mask.
+FASTMATH = {"reassoc", "contract", "arcp", "nsz", "afn"}
+
 _LOG2E = np.float32(1.4426950408889634)
 _LN2_HI = np.float32(0.693359375)  # ln 2 split in two (Cody-Waite): k * _LN2_HI is exact for |k| < 2**12
 _LN2_LO = np.float32(-2.12194440e-4)
 
 
-@numba.njit(fastmath=True, nogil=True, cache=True, error_model="numpy", inline="always")
+@numba.njit(fastmath=FASTMATH, nogil=True, cache=True, error_model="numpy", inline="always")
 def exp_inplace(x: np.ndarray, bits: np.ndarray) -> None:
     """``x[:] = exp(x)`` for float32 ``x`` ``[n]`` with entries <= 88 (``bits``: int32 scratch ``[n]``).
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..cpu_utils import flat_view
-from ..numba_math import exp_inplace
+from ..numba_math import FASTMATH, exp_inplace
 
 
 @numba.njit(nogil=True, cache=True, error_model="numpy")
@@ -44,7 +44,7 @@ def _kth_largest_key(keys: np.ndarray, m: int) -> tuple[np.uint32, int]:
 _BLOCK = 2048  # tokens per block of the scoring loop (its G rows of logits stay in L1)
 
 
-@numba.njit(fastmath=True, nogil=True, cache=True, error_model="numpy")
+@numba.njit(fastmath=FASTMATH, nogil=True, cache=True, error_model="numpy")
 def _logits_and_lse(q, k, k_off, s_l, s_e, L, logits, lse):
     """``logits[g, l] = q[g] . k[l]`` over one (b, h) and each head's log-sum-exp, in one pass over the keys.
 
@@ -84,7 +84,7 @@ def _logits_and_lse(q, k, k_off, s_l, s_e, L, logits, lse):
                 m = max(m, row[j])
             for j in range(nb):
                 work[j] = row[j] - m
-            exp_inplace(work, bits)
+            exp_inplace(work[:nb], bits[:nb])
             acc = np.float32(0.0)
             for j in range(nb):
                 acc += work[j]
@@ -94,7 +94,7 @@ def _logits_and_lse(q, k, k_off, s_l, s_e, L, logits, lse):
         lse[g] = peak[g] + np.log(total[g])
 
 
-@numba.njit(fastmath=True, nogil=True, cache=True, error_model="numpy")
+@numba.njit(fastmath=FASTMATH, nogil=True, cache=True, error_model="numpy")
 def select_one(q, k, k_off, s_l, s_e, L, sinks, window, out, logits, lse, best):
     """The selection of one (b, h): ``out`` ``[n]`` int64 gets the sinks, the window, then the top
     ``n - sinks - window`` tokens between them by ``max_g (logit_g - logsumexp_g)``, in position order.
@@ -133,7 +133,7 @@ def select_one(q, k, k_off, s_l, s_e, L, sinks, window, out, logits, lse, best):
             o += 1
 
 
-@numba.njit(fastmath=True, nogil=True, cache=True, error_model="numpy")
+@numba.njit(fastmath=FASTMATH, nogil=True, cache=True, error_model="numpy")
 def _score_select_kernel(q, k, k_off, s_l, s_e, L, sinks, window, out):
     """`select_one` for every (b, h): ``q`` ``[B, H, G, E]``, ``k_off`` ``[B, H]``, ``out`` ``[B, H, n]``."""
     B, H, G, E = q.shape

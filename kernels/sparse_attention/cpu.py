@@ -14,10 +14,10 @@ import numpy as np
 import torch
 
 from ..cpu_utils import flat_rows
-from ..numba_math import exp_inplace
+from ..numba_math import FASTMATH, exp_inplace
 
 
-@numba.njit(fastmath=True, nogil=True, cache=True, error_model="numpy")
+@numba.njit(fastmath=FASTMATH, nogil=True, cache=True, error_model="numpy")
 def attend_one(q, k, k_off, k_row, v, v_off, v_row, idx, keep, masked, scale, out, logits, bits, acc):
     """Attention of one (b, h): ``q`` ``[G, D]``, rows ``idx`` ``[S]`` of the flat ``k``/``v`` (from ``k_off``/``v_off``,
     row strides ``k_row``/``v_row``), ``keep`` ``[S]`` read when ``masked``; writes ``out`` ``[G, Dv]``.
@@ -69,7 +69,7 @@ def attend_one(q, k, k_off, k_row, v, v_off, v_row, idx, keep, masked, scale, ou
             out[g, d] = acc[g, d]
 
 
-@numba.njit(fastmath=True, nogil=True, cache=True, error_model="numpy")
+@numba.njit(fastmath=FASTMATH, nogil=True, cache=True, error_model="numpy")
 def _attend_kernel(q, k, k_off, k_row, v, v_off, v_row, idx, keep, masked, scale, out):
     """`attend_one` for every (b, h): ``q`` ``[B, H, G, D]``, offsets ``[B, H]``, ``idx``/``keep`` ``[B, H, S]``,
     ``out`` ``[B, H, G, Dv]`` float32."""
