@@ -174,11 +174,14 @@ def main() -> None:
             "dense (StaticCache)": copy_into(StaticCache(config=model.config, max_cache_len=length), prefilled),
         }
         backends = args.backends.split(",")
+        fused = set()  # numba configurations: the predictor's share is not separable from the attention
         for fraction in [int(f) for f in args.fractions.split(",")]:
             for backend in backends:
                 butler = ButlerCache(model, predictor, token_budget=context // fraction, backend=backend)
-                suffix = f" ({backend})" if len(backends) > 1 else ""
-                caches[f"butler 1/{fraction}{suffix}"] = copy_into(butler, prefilled)
+                name = f"butler 1/{fraction}" + (f" ({backend})" if len(backends) > 1 else "")
+                caches[name] = copy_into(butler, prefilled)
+                if backend == "numba":
+                    fused.add(name)
         timed = {name for name in caches if name.startswith("butler")}
         times = interleaved(model, caches, first, args.steps, args.rounds, timed)
         del caches
@@ -186,11 +189,10 @@ def main() -> None:
             ms, ratio, low, high = summarise(times[name], times["dense (DynamicCache)"])
             _, ratio_static, low_s, high_s = summarise(times[name], times["dense (StaticCache)"])
             shares = [x for t in times.get(name + " share", [[0.0]]) for x in t]
-            fused = name.endswith("(numba)") or (name.startswith("butler") and backends == ["numba"])
             rows.append({"context": context, "config": name, "ms_per_step": ms, "ratio": ratio,
                          "ratio_range": [low, high], "ratio_static": ratio_static,
                          "ratio_static_range": [low_s, high_s],
-                         "predictor_share": None if fused else statistics.median(shares),
+                         "predictor_share": None if name in fused else statistics.median(shares),
                          "attention_ms": statistics.median([x for t in times[name + " attention"] for x in t])})
             print(json.dumps(rows[-1]))
     print()

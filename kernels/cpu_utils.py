@@ -38,3 +38,9 @@ def flat_rows(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray, int]:
     if s_d != 1 and x.shape[-1] > 1:
         raise ValueError(f"flat_rows needs contiguous rows (last stride 1), got strides {x.stride()}")
     return flat, offsets, s_l
+
+
+def check_row_budget(n: int, sinks: int, window: int, L: int) -> None:
+    """The CPU selection kernels take a row budget that holds the sinks and the window and leaves tokens out."""
+    if not sinks + window <= n < L:
+        raise ValueError(f"budget n={n} must hold sinks + window = {sinks + window} and be below the context L={L}")

@@ -18,7 +18,7 @@ import numba
 import numpy as np
 import torch
 
-from .cpu_utils import flat_rows, flat_view
+from .cpu_utils import check_row_budget, flat_rows, flat_view
 from .numba_math import FASTMATH
 from .scoring.cpu import select_one
 from .sparse_attention.cpu import attend_one
@@ -65,8 +65,7 @@ def butler_decode_cpu(
     G, Dv = HQ // H, value.shape[3]
     if T != 1 or query.shape[2] != 1:
         raise ValueError(f"butler_decode_cpu serves one query row per sequence, got {T} and {query.shape[2]}")
-    if not sinks + window <= n < L:
-        raise ValueError(f"budget n={n} must hold sinks + window = {sinks + window} and be below the context L={L}")
+    check_row_budget(n, sinks, window, L)
     qi = (importance_queries.reshape(B, H, G, E).to(torch.float32) * importance_scale).numpy()  # [B, H, G, d']
     q = query.reshape(B, H, G, D).contiguous().numpy()  # [B, H, G, D]
     ik, ik_off, s_l, s_e = flat_view(importance_keys)

@@ -16,7 +16,7 @@ import numba
 import numpy as np
 import torch
 
-from ..cpu_utils import flat_view
+from ..cpu_utils import check_row_budget, flat_view
 from ..numba_math import FASTMATH, exp_inplace
 
 
@@ -158,8 +158,7 @@ def score_select_decode_cpu(
     H, L = keys.shape[1], keys.shape[2]
     if T != 1:
         raise ValueError(f"score_select_decode_cpu serves one query row per sequence, got {T}")
-    if not sinks + window <= n < L:
-        raise ValueError(f"budget n={n} must hold sinks + window = {sinks + window} and be below the context L={L}")
+    check_row_budget(n, sinks, window, L)
     q = (queries.reshape(B, H, HQ // H, E).to(torch.float32) * scale).contiguous()  # [B, H, G, d']
     if keys.dtype != torch.float32 or keys.device.type != "cpu":
         raise ValueError(f"score_select_decode_cpu takes float32 CPU keys, got {keys.dtype} on {keys.device}")

@@ -24,6 +24,8 @@ class ButlerPolicy(SelectionPolicy):
         """The row budget when the numba CPU kernels can serve this decode step, else None (the PyTorch path
         runs, and `score` raises on out-of-sync predictor state)."""
         layer = inputs.layer
+        if resolve_backend(layer.settings.backend, inputs.key.device) != "numba":
+            return None  # checked first: the default paths pay one call per layer
         queries, keys = layer.importance_queries, layer.importance_keys
         L = inputs.key.shape[2]
         n = budget.max_selected(L)
@@ -33,7 +35,6 @@ class ButlerPolicy(SelectionPolicy):
             or queries is None
             or keys is None
             or keys.shape[2] != L
-            or resolve_backend(layer.settings.backend, keys.device) != "numba"
             or keys.dtype != torch.float32
             or keys.shape[1] != inputs.num_key_value_heads  # the kernels group by importance-key head
         ):
