@@ -59,7 +59,7 @@ def assert_same_cache(got, expected):
 def test_layers_are_swapped_only_where_sparse(setup):
     model, predictor, ids, mask = setup
     cache = prefill(model, predictor, ids, mask)
-    assert [type(layer).__name__ for layer in cache.layers] == ["DynamicLayer"] + ["ButlerLayer"] * 3
+    assert [type(layer).__name__ for layer in cache.layers] == ["GrowingLayer"] + ["ButlerLayer"] * 3
     gemma = tiny_model("gemma3")
     cache = ButlerCache(gemma, policy="oracle", token_budget=32)
     assert [type(layer).__name__ for layer in cache.layers] == [

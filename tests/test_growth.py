@@ -1,4 +1,5 @@
-"""`append_rows` (the cache's copy-free growth) against `torch.cat`, through appends, crops and replacements."""
+"""`append_rows` (the cache's copy-free growth) against `torch.cat`, through appends, crops and replacements, and
+`GrowingLayer` against transformers' `DynamicLayer` through the cache operations."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from butler_cache.growth import MIN_SPARE_ROWS, append_rows
+from transformers.cache_utils import DynamicLayer
+
+from butler_cache.growth import MIN_SPARE_ROWS, GrowingLayer, append_rows
 
 # one operation: ("append", rows) | ("crop", rows) | ("replace",) (a cache op that swaps the tensor)
 operations = st.lists(
@@ -68,3 +71,52 @@ def test_append_rows_starts_over_when_the_view_was_replaced():
     out, fresh = append_rows(replaced, storage, new)
     assert fresh is not storage
     assert torch.equal(out, torch.cat([replaced, new], dim=-2))
+
+
+layer_operations = st.lists(
+    st.one_of(
+        st.tuples(st.just("update"), st.integers(1, 300)),
+        st.tuples(st.just("crop"), st.integers(1, 40)),
+        st.tuples(st.just("reorder_cache"),),
+        st.tuples(st.just("batch_repeat_interleave"),),
+        st.tuples(st.just("batch_select_indices"),),
+        st.tuples(st.just("reset"),),
+    ),
+    min_size=1,
+    max_size=20,
+)
+
+
+@given(ops=layer_operations, heads=st.integers(1, 3), dim=st.sampled_from([1, 8]))
+def test_growing_layer_equals_dynamic_layer(ops, heads, dim):
+    """Same tensors as `DynamicLayer` after any sequence of updates and cache operations; no re-copy per update."""
+    gen = torch.Generator().manual_seed(len(ops))
+    grown, plain, batch = GrowingLayer(), DynamicLayer(), 2
+    for op in ops:
+        length = plain.get_seq_length()
+        if op[0] == "update":
+            k, v = (torch.randn(batch, heads, op[1], dim, generator=gen) for _ in range(2))
+            storage = grown._storage["keys"]
+            got, expected = grown.update(k, v), plain.update(k, v)
+            for a, b in zip(got, expected, strict=True):
+                assert torch.equal(a, b)
+            if storage is not None and length and storage.shape[-2] >= length + op[1]:
+                assert grown._storage["keys"] is storage  # written in place, not re-copied
+        elif op[0] == "crop" and op[1] < length:
+            grown.crop(-op[1]), plain.crop(-op[1])
+        elif op[0] == "reorder_cache" and length:
+            beam = torch.randperm(batch, generator=gen)
+            grown.reorder_cache(beam), plain.reorder_cache(beam)
+        elif op[0] == "batch_repeat_interleave" and length and batch < 4:
+            grown.batch_repeat_interleave(2), plain.batch_repeat_interleave(2)
+            batch *= 2
+        elif op[0] == "batch_select_indices" and length and batch > 1:
+            keep = torch.arange(0, batch, 2)
+            grown.batch_select_indices(keep), plain.batch_select_indices(keep)
+            batch = len(keep)
+        elif op[0] == "reset":
+            grown.reset(), plain.reset()
+            batch = 2
+        assert grown.get_seq_length() == plain.get_seq_length()
+        if plain.get_seq_length():
+            assert torch.equal(grown.keys, plain.keys) and torch.equal(grown.values, plain.values)

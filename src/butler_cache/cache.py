@@ -2,8 +2,9 @@
 
 Full-attention layers served by the policy become `ButlerLayer`s, which store beside the real keys
 the predictor's importance keys (``[B, H_k, L, d']``) and keep them in sync through every cache
-operation transformers performs. Sliding-window layers and the layers before the first sparse one
-keep transformers' own layer classes and stay dense.
+operation transformers performs. Full-attention layers before the first sparse one stay dense as
+`GrowingLayer`s (a `DynamicLayer` that appends in place instead of re-copying its K/V every step);
+sliding-window layers keep transformers' own classes.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from transformers.cache_utils import DynamicLayer
 
 from .architecture import BaseModelShape, check_supported
 from .budget import TokenBudget
-from .growth import append_rows
+from .growth import GrowingLayer
 from .kernels import check_backend, resolve_backend
 from .policies import SelectionPolicy, make_policy
 from .predictor import ButlerPredictor, LayerInput
@@ -79,7 +80,7 @@ class _StatsRecorder:
         self._open, self._sum, self._layers = None, 0.0, 0
 
 
-class ButlerLayer(DynamicLayer):
+class ButlerLayer(GrowingLayer):
     """A full-attention cache layer with per-token predictor state kept in sync with its K/V."""
 
     def __init__(self, layer_idx: int, settings: SparseAttentionSettings, predictor: ButlerPredictor | None = None):
@@ -95,13 +96,7 @@ class ButlerLayer(DynamicLayer):
         self.last_scores: torch.Tensor | None = None  # [B, H_kv, 1, L_then]
         self.last_scores_age = 0
         self.stats: _StatsRecorder | None = None
-        # storages that keys / values / importance_keys are prefix views of (see `growth.append_rows`)
-        self._storage: dict[str, torch.Tensor | None] = {"keys": None, "values": None, "importance_keys": None}
-
-    def _append(self, name: str, new: torch.Tensor, feature_major: bool = False) -> torch.Tensor:
-        view, self._storage[name] = append_rows(getattr(self, name), self._storage[name], new, feature_major)
-        setattr(self, name, view)
-        return view
+        self._storage["importance_keys"] = None  # importance_keys grow like keys and values
 
     def token_state(self, name: str, length: int, fill: float = 0.0) -> torch.Tensor:
         """Policy state ``name`` ``[B, H_kv, length, 1]`` (float32), new tokens' rows set to ``fill``."""
@@ -137,10 +132,7 @@ class ButlerLayer(DynamicLayer):
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        # as DynamicLayer.update, without re-copying the whole cache every step
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        keys, values = self._append("keys", key_states), self._append("values", value_states)
+        keys, values = super().update(key_states, value_states)
         if self.predictor is not None:
             new = self.predictor.keys_from_cache(self.layer_idx, key_states)  # [B, H_kv, T, d'] or None
             if new is not None:
@@ -165,12 +157,8 @@ class ButlerLayer(DynamicLayer):
         self.importance_queries = None
         self.last_scores = None  # the next decode step predicts afresh
 
-    def _release_storage(self) -> None:
-        self._storage = dict.fromkeys(self._storage)
-
     def reset(self) -> None:
         super().reset()
-        self._release_storage()
         self.importance_keys = None
         self.importance_queries = None
         self.policy_state = {}
@@ -183,22 +171,18 @@ class ButlerLayer(DynamicLayer):
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
-        self._release_storage()  # the old storage no longer backs the cache
         self._map_state(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
-        self._release_storage()  # the old storage no longer backs the cache
         self._map_state(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         super().batch_select_indices(indices)
-        self._release_storage()  # the old storage no longer backs the cache
         self._map_state(lambda t: t[indices, ...])
 
     def offload(self) -> None:
         super().offload()
-        self._release_storage()  # the device copies must not outlive the offload
         if self.importance_keys is not None:
             self.importance_keys = self.importance_keys.to("cpu", non_blocking=True)
 
@@ -281,10 +265,12 @@ class ButlerCache(DynamicCache):
         self.stats_recorder = _StatsRecorder() if record_stats else None
         # the predictor's own per-token decode state (attentive predictors), kept in sync below
         self.predictor_state = self.predictor.new_state() if self.predictor is not None else None
-        for i in self.sparse_layers:
-            layer = ButlerLayer(i, self.settings, self.predictor)
-            layer.stats = self.stats_recorder
-            self.layers[i] = layer
+        for i, layer in enumerate(self.layers):
+            if i in self.sparse_layers:
+                self.layers[i] = ButlerLayer(i, self.settings, self.predictor)
+                self.layers[i].stats = self.stats_recorder
+            elif type(layer) is DynamicLayer:  # dense full attention: same tensors, grown in place
+                self.layers[i] = GrowingLayer()
         attach(model)
 
     def __repr__(self) -> str:

@@ -8,6 +8,9 @@ and the storage is reallocated (copied once) when it is full.
 Views handed out earlier stay valid: rows are only ever written past the live length, except after a
 `crop`, which (as in `DynamicLayer`) gives up the cropped rows.
 
+`GrowingLayer` is a `DynamicLayer` whose keys and values grow this way; `ButlerCache` uses it for every
+full-attention layer (its dense ones included).
+
 A storage can also be *feature-major*: ``[..., D, capacity]`` memory seen as ``[..., capacity, D]`` (each
 feature's values contiguous over the tokens). The views have the same shape and values; kernels that
 stream over the tokens one feature at a time (the CPU scoring kernel) read them with unit stride.
@@ -15,7 +18,10 @@ stream over the tokens one feature at a time (the CPU scoring kernel) read them 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+from transformers.cache_utils import DynamicLayer
 
 # spare rows allocated on top of what is needed: at least this many, and at least 1/8 of the length,
 # so that reallocation copies amortise to a few rows per appended token.
@@ -58,3 +64,51 @@ def append_rows(
         storage = grown
     storage[..., length:needed, :] = new
     return storage[..., :needed, :], storage
+
+
+class GrowingLayer(DynamicLayer):
+    """A `DynamicLayer` whose keys and values grow in place (`append_rows`) instead of by ``torch.cat``.
+
+    Holds the same tensors as `DynamicLayer` (prefix views of larger storages) and inherits its cache
+    operations; the ones that replace the tensors also let go of the storages.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        # storages that the tensors of the same name are prefix views of
+        self._storage: dict[str, torch.Tensor | None] = {"keys": None, "values": None}
+
+    def _append(self, name: str, new: torch.Tensor, feature_major: bool = False) -> torch.Tensor:
+        view, self._storage[name] = append_rows(getattr(self, name), self._storage[name], new, feature_major)
+        setattr(self, name, view)
+        return view
+
+    def _release_storage(self) -> None:
+        self._storage = dict.fromkeys(self._storage)
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        return self._append("keys", key_states), self._append("values", value_states)
+
+    def reset(self) -> None:
+        super().reset()
+        self._release_storage()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self._release_storage()  # the old storage no longer backs the cache
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self._release_storage()
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self._release_storage()
+
+    def offload(self) -> None:
+        super().offload()
+        self._release_storage()  # the device copies must not outlive the offload

@@ -10,6 +10,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from ..cache import ACTIVE_LAYER, ButlerCache, ButlerLayer
+from ..growth import GrowingLayer
 from ..predictor import ButlerPredictor
 from .coref import CorefExample
 from .longctx import LongContextExample
@@ -76,7 +77,7 @@ def shares_dense_prefill(cache) -> bool:
     """Whether ``cache`` would prefill densely and keep nothing but K/V from it (so one dense prefill can
     be copied into it): plain dynamic caches, and ButlerCaches of stateless policies without a stateful
     predictor or sparse prefill."""
-    layers_ok = all(type(layer) in (DynamicLayer, ButlerLayer) for layer in cache.layers)
+    layers_ok = all(type(layer) in (DynamicLayer, GrowingLayer, ButlerLayer) for layer in cache.layers)
     if isinstance(cache, ButlerCache):
         s = cache.settings
         return layers_ok and not s.policy.stateful and not s.sparse_prefill and cache.predictor_state is None
