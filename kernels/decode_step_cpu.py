@@ -25,21 +25,27 @@ from .sparse_attention.cpu import attend_one
 
 
 @numba.njit(fastmath=FASTMATH, nogil=True, cache=True, error_model="numpy", parallel=True)
-def _decode_step_kernel(qi, ik, ik_off, ik_sl, ik_se, q, k, k_off, k_row, v, v_off, v_row, L, sinks, window, n, scale, out):
-    """``qi`` ``[B, H, G, E]`` importance queries (scale folded in), importance keys flat from ``ik_off`` ``[B, H]``
-    with token / feature strides; ``q`` ``[B, H, G, D]``; K/V flat with offsets ``[B, H]`` and row strides;
-    ``out`` ``[B, H, G, Dv]``."""
-    B, H, G, E = qi.shape
-    Dv = out.shape[3]
+def _decode_step_kernel(qi, qi_scale, ik, ik_b, ik_h, ik_l, ik_e, q, k, k_b, k_h, k_row, v, v_b, v_h, v_row, L, sinks,
+                        window, n, scale, out):
+    """``qi`` ``[B, HQ, 1, E]`` importance queries (any strides, scaled by ``qi_scale`` here); importance keys flat
+    with batch / head / token / feature strides; ``q`` ``[B, HQ, 1, D]`` (any strides); K/V flat with batch / head /
+    row strides; ``out`` ``[B, H, G, Dv]``."""
+    B, H, G, Dv = out.shape
+    E, D = qi.shape[3], q.shape[3]
     for bh in numba.prange(B * H):
         b, h = bh // H, bh % H
+        qg, qd = np.empty((G, E), np.float32), np.empty((G, D), np.float32)  # this group's queries, contiguous
+        for g in range(G):
+            for e in range(E):
+                qg[g, e] = qi[b, h * G + g, 0, e] * qi_scale
+            for d in range(D):
+                qd[g, d] = q[b, h * G + g, 0, d]
         idx = np.empty(n, np.int64)
         logits = np.empty((G, L), np.float32)
-        select_one(qi[b, h], ik, ik_off[b, h], ik_sl, ik_se, L, sinks, window, idx, logits, np.empty(G, np.float32),
+        select_one(qg, ik, b * ik_b + h * ik_h, ik_l, ik_e, L, sinks, window, idx, logits, np.empty(G, np.float32),
                    np.empty(L, np.float32))
-        attend_one(q[b, h], k, k_off[b, h], k_row, v, v_off[b, h], v_row, idx, np.ones(1, np.bool_), False, scale,
+        attend_one(qd, k, b * k_b + h * k_h, k_row, v, b * v_b + h * v_h, v_row, idx, np.ones(1, np.bool_), False, scale,
                    out[b, h], logits, np.empty(n, np.int32), np.empty((G, Dv), np.float32))
-
 
 
 def butler_decode_cpu(
@@ -60,18 +66,15 @@ def butler_decode_cpu(
     ``query`` ``[B, HQ, 1, D]``, ``key``/``value`` ``[B, H, L, D|Dv]`` with contiguous rows; ``n`` the row
     budget, ``sinks + window <= n < L``.
     """
-    B, HQ, T, E = importance_queries.shape
-    H, L, D = key.shape[1], key.shape[2], key.shape[3]
+    B, HQ, T, _ = importance_queries.shape
+    H, L = key.shape[1], key.shape[2]
     G, Dv = HQ // H, value.shape[3]
     if T != 1 or query.shape[2] != 1:
         raise ValueError(f"butler_decode_cpu serves one query row per sequence, got {T} and {query.shape[2]}")
     check_row_budget(n, sinks, window, L)
-    qi = (importance_queries.reshape(B, H, G, E).to(torch.float32) * importance_scale).numpy()  # [B, H, G, d']
-    q = query.reshape(B, H, G, D).contiguous().numpy()  # [B, H, G, D]
-    ik, ik_off, s_l, s_e = flat_view(importance_keys)
-    k_flat, k_off, k_row = flat_rows(key)
-    v_flat, v_off, v_row = flat_rows(value)
-    out = torch.empty(B, H, G, Dv)
-    _decode_step_kernel(qi, ik, ik_off, s_l, s_e, q, k_flat, k_off, k_row, v_flat, v_off, v_row, L, sinks, window, n,
-                        np.float32(scale), out.numpy())
+    out = torch.empty(B, H, G, Dv)  # [B, 1, HQ, Dv] memory
+    # strided views all the way down: the per-tensor preparation here is the whole Python cost of a layer's step
+    _decode_step_kernel(importance_queries.to(torch.float32).numpy(), np.float32(importance_scale),
+                        *flat_view(importance_keys), query.numpy(), *flat_rows(key), *flat_rows(value), L, sinks, window,
+                        n, np.float32(scale), out.numpy())
     return out.view(B, 1, HQ, Dv)

@@ -134,15 +134,16 @@ def select_one(q, k, k_off, s_l, s_e, L, sinks, window, out, logits, lse, best):
 
 
 @numba.njit(fastmath=FASTMATH, nogil=True, cache=True, error_model="numpy")
-def _score_select_kernel(q, k, k_off, s_l, s_e, L, sinks, window, out):
-    """`select_one` for every (b, h): ``q`` ``[B, H, G, E]``, ``k_off`` ``[B, H]``, ``out`` ``[B, H, n]``."""
+def _score_select_kernel(q, k, s_b, s_h, s_l, s_e, L, sinks, window, out):
+    """`select_one` for every (b, h): ``q`` ``[B, H, G, E]``, keys flat with strides ``s_b, s_h, s_l, s_e``,
+    ``out`` ``[B, H, n]``."""
     B, H, G, E = q.shape
     logits = np.empty((G, L), np.float32)
     lse = np.empty(G, np.float32)
     best = np.empty(L, np.float32)
     for b in range(B):
         for h in range(H):
-            select_one(q[b, h], k, k_off[b, h], s_l, s_e, L, sinks, window, out[b, h], logits, lse, best)
+            select_one(q[b, h], k, b * s_b + h * s_h, s_l, s_e, L, sinks, window, out[b, h], logits, lse, best)
 
 
 def score_select_decode_cpu(
@@ -162,7 +163,6 @@ def score_select_decode_cpu(
     q = (queries.reshape(B, H, HQ // H, E).to(torch.float32) * scale).contiguous()  # [B, H, G, d']
     if keys.dtype != torch.float32 or keys.device.type != "cpu":
         raise ValueError(f"score_select_decode_cpu takes float32 CPU keys, got {keys.dtype} on {keys.device}")
-    flat, offsets, s_l, s_e = flat_view(keys)
     out = torch.empty(B, H, n, dtype=torch.int64)
-    _score_select_kernel(q.numpy(), flat, offsets, s_l, s_e, L, sinks, window, out.numpy())
+    _score_select_kernel(q.numpy(), *flat_view(keys), L, sinks, window, out.numpy())
     return out[:, :, None]

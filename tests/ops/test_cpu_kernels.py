@@ -97,17 +97,22 @@ def test_cpu_decode_attention_matches_reference(B, H, G, L, spare, frac, D, mask
 @settings(max_examples=15)
 @given(B=st.integers(1, 2), H=st.integers(1, 3), G=st.sampled_from([1, 2, 3, 4]), L=st.integers(24, 900),
        E=st.sampled_from([8, 16]), D=st.sampled_from([16, 64]), frac=st.floats(0.0, 1.0), spare=st.integers(0, 9),
-       seed=st.integers(0, 2**31 - 1))
-def test_fused_decode_step_matches_the_separate_references(B, H, G, L, E, D, frac, spare, seed):
-    """score + select + attend in one call == sparse_attention_naive over the reference selection."""
+       strided=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_fused_decode_step_matches_the_separate_references(B, H, G, L, E, D, frac, spare, strided, seed):
+    """score + select + attend in one call == sparse_attention_naive over the reference selection; the queries
+    may be strided views (as the model and the producers hand them over)."""
     from butler_cache.kernels.decode_step_cpu import butler_decode_cpu
 
     sinks, window = 4, 8
     n = sinks + window + int(frac * (L - 1 - sinks - window))
     gen = torch.Generator().manual_seed(seed)
-    qi = torch.randn(B, H * G, 1, E, generator=gen)
+    if strided:  # [B, 1, HQ, 2X] memory seen as [B, HQ, 1, X]
+        qi = torch.randn(B, 1, H * G, 2 * E, generator=gen)[..., :E].transpose(1, 2)
+        q = torch.randn(B, 1, H * G, 2 * D, generator=gen)[..., :D].transpose(1, 2)
+    else:
+        qi = torch.randn(B, H * G, 1, E, generator=gen)
+        q = torch.randn(B, H * G, 1, D, generator=gen)
     ik = _keys(B, H, L, E, spare, True, gen)
-    q = torch.randn(B, H * G, 1, D, generator=gen)
     k = torch.randn(B, H, L + spare, D, generator=gen)[:, :, :L]
     v = torch.randn(B, H, L + spare, D, generator=gen)[:, :, :L]
     scores = score_reference(qi, ik, E**-0.5)

@@ -1,0 +1,33 @@
+"""A software prefetch for the numba CPU kernels (imported only where numba is installed).
+
+The sparse attention reads the K/V rows the selection picked: scattered rows whose addresses the
+hardware prefetchers cannot guess, so without help each row costs a full DRAM latency. Issuing
+``prefetch`` a few rows ahead keeps several of those reads in flight at once.
+"""
+
+from __future__ import annotations
+
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+
+@intrinsic
+def prefetch(typingctx, array, index):
+    """Hint the CPU to load the cache line holding ``array[index]`` (1-D array): a read, kept in all cache
+    levels. No effect on results; an out-of-range index is harmless (prefetches never fault)."""
+    if not (isinstance(array, types.Array) and array.ndim == 1 and isinstance(index, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        address = builder.bitcast(builder.gep(data, [args[1]]), ir.PointerType())
+        i32 = ir.IntType(32)
+        llvm_prefetch = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [ir.PointerType(), i32, i32, i32]), "llvm.prefetch.p0"
+        )
+        builder.call(llvm_prefetch, [address, i32(0), i32(3), i32(1)])  # read, highest locality, data cache
+        return context.get_dummy_value()
+
+    return types.void(array, index), codegen
