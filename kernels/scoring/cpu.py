@@ -41,7 +41,7 @@ def _kth_largest_key(keys: np.ndarray, m: int) -> tuple[np.uint32, int]:
     return prefix, remaining
 
 
-_BLOCK = 2048  # tokens per block of the scoring loop (its G rows of logits stay in L1)
+_BLOCK = 1024  # tokens per block of the scoring loop (a block's d' feature slices stay in L2, its logits in L1)
 
 
 @numba.njit(fastmath=FASTMATH, nogil=True, cache=True, error_model="numpy")
@@ -49,7 +49,9 @@ def _logits_and_lse(q, k, k_off, s_l, s_e, L, logits, lse):
     """``logits[g, l] = q[g] . k[l]`` over one (b, h) and each head's log-sum-exp, in one pass over the keys.
 
     ``q`` ``[G, E]`` (scale folded in), ``k`` flat with the (b, h) block at ``k_off``, token stride ``s_l``,
-    feature stride ``s_e``; ``logits`` ``[G, >= L]``, ``lse`` ``[G]``.
+    feature stride ``s_e``; ``logits`` ``[G, >= L]``, ``lse`` ``[G]``. Per block of tokens, each head in turn:
+    its logits row accumulated over the features (vectorised over the tokens), then folded into its running
+    log-sum-exp while still in L1.
     """
     G, E = q.shape
     work = np.empty(_BLOCK, np.float32)
@@ -58,28 +60,21 @@ def _logits_and_lse(q, k, k_off, s_l, s_e, L, logits, lse):
     total = np.zeros(G, np.float32)
     for l0 in range(0, L, _BLOCK):
         nb = min(_BLOCK, L - l0)
+        start = k_off + l0 * s_l
         for g in range(G):
-            row = logits[g]  # 1-D rows of a C array keep unit stride (2-D slices would not vectorise)
-            for j in range(l0, l0 + nb):
+            row = logits[g, l0 : l0 + nb]  # 1-D rows of a C array keep unit stride (2-D slices would not vectorise)
+            for j in range(nb):
                 row[j] = 0.0
-        for e in range(E):
-            start = k_off + e * s_e + l0 * s_l
-            if s_l == 1:  # feature-major keys: the tokens of one feature are contiguous
-                feature = k[start : start + nb]
-                for g in range(G):
-                    row = logits[g, l0 : l0 + nb]
-                    qe = q[g, e]
+            for e in range(E):
+                qe = q[g, e]
+                if s_l == 1:  # feature-major keys: the tokens of one feature are contiguous
+                    feature = k[start + e * s_e : start + e * s_e + nb]
                     for j in range(nb):
                         row[j] += qe * feature[j]
-            else:
-                for g in range(G):
-                    row = logits[g, l0 : l0 + nb]
-                    qe = q[g, e]
+                else:
                     for j in range(nb):
-                        row[j] += qe * k[start + j * s_l]
-        for g in range(G):  # online log-sum-exp over the blocks
-            row = logits[g, l0 : l0 + nb]
-            m = peak[g]
+                        row[j] += qe * k[start + e * s_e + j * s_l]
+            m = peak[g]  # online log-sum-exp over the blocks
             for j in range(nb):
                 m = max(m, row[j])
             for j in range(nb):
