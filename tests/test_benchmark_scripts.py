@@ -29,7 +29,8 @@ def _run_script(name: str, *args: str) -> None:
 
 
 def test_cpu_benchmarks_run_on_the_default_model(tmp_path):
-    """decode_cpu.py and prediction_interval.py end to end at toy sizes (their numbers mean nothing here)."""
+    """decode_cpu.py, decode_breakdown.py and prediction_interval.py end to end at toy sizes (their numbers
+    mean nothing here)."""
     backends = "torch,numba" if NUMBA_AVAILABLE else "torch"
     _run_script("decode_cpu.py", "--contexts", "96", "--fractions", "2", "--steps", "2", "--rounds", "2",
                 "--backends", backends, "--json", str(tmp_path / "d.json"))
@@ -40,6 +41,12 @@ def test_cpu_benchmarks_run_on_the_default_model(tmp_path):
     assert rows[2]["ratio_range"][0] <= rows[2]["ratio"] <= rows[2]["ratio_range"][1] and rows[2]["predictor_share"] > 0
     assert all(r["predictor_share"] is None for r in rows[3:])  # the fused numba step: not separable
     assert all(0 < r["attention_ms"] < r["ms_per_step"] for r in rows)
+    _run_script("decode_breakdown.py", "--context", "96", "--fraction", "2", "--steps", "2",
+                "--backend", "numba" if NUMBA_AVAILABLE else "torch", "--json", str(tmp_path / "b.json"))
+    dense, butler = json.loads((tmp_path / "b.json").read_text())["rows"]
+    assert 0 < dense["attention"] < dense["step"] and set(dense) == {"config", "step", "attention"}
+    parts = ["producers", "cache updates"] + (["kernel"] if NUMBA_AVAILABLE else [])
+    assert all(0 < butler[p] < butler["step"] for p in parts) and set(butler) == {"config", "step", "attention", *parts}
     (tmp_path / "text.txt").write_text(" ".join(f"word{i % 50} is here." for i in range(200)))
     _run_script("prediction_interval.py", "--context", "96", "--fraction", "2", "--intervals", "1,2", "--steps", "2",
                 "--text", str(tmp_path / "text.txt"), "--chunks", "1", "--seq-len", "48", "--budget", "24",

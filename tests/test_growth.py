@@ -6,7 +6,6 @@ from __future__ import annotations
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-
 from transformers.cache_utils import DynamicLayer
 
 from butler_cache.growth import MIN_SPARE_ROWS, GrowingLayer, append_rows
