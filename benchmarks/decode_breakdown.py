@@ -5,9 +5,15 @@
 SmolLM2-135M-Instruct, a random prompt of ``--context`` tokens prefilled once (dense); a StaticCache and a
 ButlerCache (budget ``context / fraction``) start from copies of it and take turns, one decode step each,
 ``--steps`` times. Per step (median ms): the whole step; the attention function of all layers (dense SDPA,
-or scoring + selection + sparse attention); for the butler cache also the importance-query producers,
-the sparse layers' cache updates (K/V appends, key projections, importance-key appends) and, with ``--backend numba``,
-the compiled decode-step kernel alone (the rest of its attention time is Python and the dense layer 0).
+or scoring + selection + sparse attention); for the butler cache also the importance-query producers, the
+sparse layers' cache updates (K/V appends, key projections, importance-key appends) and, with ``--backend
+numba``, the compiled decode-step kernel alone (the rest of its attention time is Python and the dense layer 0).
+
+Then, as context for those numbers, what this machine does outside the model (``probes``): the bandwidth of a
+large copy and of the model's largest matrix-vector product (the output embedding), and the time of two small
+butler operations (a layer's key projection; with numba, a layer's decode-step kernel on the cache's real
+state) warm, called again and again on one layer, and cold, on each sparse layer in turn with one decoder
+layer's weights streamed through the caches before each call, as in a decode step.
 """
 
 from __future__ import annotations
@@ -44,16 +50,81 @@ def _decode_cpu():
 
 @contextmanager
 def timed_attribute(owner, name: str, watch):
-    """Route ``owner.name`` through ``watch`` (a `decode_cpu.Stopwatch`) for the duration."""
-    original = owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name)
+    """Route ``owner.name`` (a class, module or instance attribute) through ``watch`` (a `decode_cpu.Stopwatch`)
+    for the duration."""
+    own = name in vars(owner)  # else inherited (a method seen through an instance): shadowed, then unshadowed
+    original = vars(owner)[name] if own else getattr(owner, name)
     setattr(owner, name, watch.wrap(original))
     try:
         yield
     finally:
-        if isinstance(owner, type):
+        if own:
             setattr(owner, name, original)
         else:
-            delattr(owner, name)  # the instance attribute shadowed the class's
+            delattr(owner, name)
+
+
+def _median_us(fn, repeats: int, before=None) -> float:
+    times = []
+    for _ in range(repeats):
+        if before is not None:
+            before()
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e6
+
+
+def _copy_bandwidth(megabytes: int = 512) -> float:
+    """GB/s read + written by copying a ``megabytes`` float32 tensor (what the memory system sustains)."""
+    source = torch.randn(megabytes * 1024 * 1024 // 4)
+    target = torch.empty_like(source)
+    return 2 * source.numel() * 4 / _median_us(lambda: target.copy_(source), 5) * 1e-3
+
+
+@torch.no_grad()
+def probes(model, butler: ButlerCache, repeats: int = 50) -> dict[str, float]:
+    """Bandwidths (GB/s) and warm / cold times (us) of small butler operations; see the module docstring. Warm: the
+    same layer's state again and again; cold: the sparse layers' states in turn, one decoder layer's weights
+    streamed before each call."""
+    out = {"copy_GBps": _copy_bandwidth()}
+    embedding = model.get_output_embeddings().weight  # [V, D]
+    row = torch.randn(1, embedding.shape[1])
+    out["output_embedding_GEMV_GBps"] = embedding.numel() * 4 / _median_us(lambda: row @ embedding.T, 5) * 1e-3
+    # one decoder layer's matrices: what the model reads between the attention calls of two consecutive layers
+    weights = [m.weight for m in model.get_decoder().layers[1].modules() if isinstance(m, torch.nn.Linear)]
+    rows = {w.shape[1]: torch.randn(1, w.shape[1]) for w in weights}
+
+    def stream_weights():
+        for w in weights:
+            rows[w.shape[1]] @ w.T
+
+    layers = [butler.layers[i] for i in butler.sparse_layers]
+    turn = iter(range(10**9))
+
+    def each_layer_in_turn(op):  # the next sparse layer's state each call, as a decode step visits them
+        return lambda: op(layers[next(turn) % len(layers)])
+
+    def project(layer):
+        butler.predictor.keys_from_cache(layer.layer_idx, layer.keys[:, :, -1:])  # [B, H_kv, 1, D]
+
+    out["key_projection_warm_us"] = _median_us(lambda: project(layers[0]), repeats)
+    out["key_projection_cold_us"] = _median_us(each_layer_in_turn(project), repeats, stream_weights)
+    if butler.settings.backend == "numba":
+        from butler_cache.kernels.decode_step_cpu import butler_decode_cpu
+
+        budget = butler.settings.budget
+        queries = torch.randn(1, model.config.num_attention_heads, 1, layers[0].importance_keys.shape[-1])
+        query = torch.randn(1, model.config.num_attention_heads, 1, layers[0].keys.shape[-1])
+
+        def step(layer):
+            L = layer.keys.shape[2]
+            butler_decode_cpu(queries, layer.importance_keys, 0.25, query, layer.keys, layer.values, 0.125,
+                              budget.sink_tokens, budget.local_window, budget.max_selected(L))
+
+        out["kernel_warm_us"] = _median_us(lambda: step(layers[0]), repeats)
+        out["kernel_cold_us"] = _median_us(each_layer_in_turn(step), repeats, stream_weights)
+    return out
 
 
 def main() -> None:
@@ -62,6 +133,7 @@ def main() -> None:
     parser.add_argument("--fraction", type=int, default=16, help="budget = context / fraction")
     parser.add_argument("--backend", default="numba", help="the butler cache's backend (torch or numba)")
     parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--probe-repeats", type=int, default=60, help="calls per probe")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
@@ -118,10 +190,16 @@ def main() -> None:
     print("|---|" + "---|" * len(columns))
     for row in rows:
         print(f"| {row['config']} | " + " | ".join(f"{row[c]:.1f}" if c in row else "" for c in columns) + " |")
+    machine = probes(model, butler, args.probe_repeats)
+    print()
+    print("| probe | value |")
+    print("|---|---|")
+    for name, value in machine.items():
+        print(f"| {name} | {value:.1f} |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"context": args.context, "fraction": args.fraction, "backend": args.backend, "rows": rows}, f,
-                      indent=2)
+            json.dump({"context": args.context, "fraction": args.fraction, "backend": args.backend, "rows": rows,
+                       "probes": machine}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -41,9 +41,11 @@ def test_cpu_benchmarks_run_on_the_default_model(tmp_path):
     assert rows[2]["ratio_range"][0] <= rows[2]["ratio"] <= rows[2]["ratio_range"][1] and rows[2]["predictor_share"] > 0
     assert all(r["predictor_share"] is None for r in rows[3:])  # the fused numba step: not separable
     assert all(0 < r["attention_ms"] < r["ms_per_step"] for r in rows)
-    _run_script("decode_breakdown.py", "--context", "96", "--fraction", "2", "--steps", "2",
+    _run_script("decode_breakdown.py", "--context", "96", "--fraction", "2", "--steps", "2", "--probe-repeats", "5",
                 "--backend", "numba" if NUMBA_AVAILABLE else "torch", "--json", str(tmp_path / "b.json"))
-    dense, butler = json.loads((tmp_path / "b.json").read_text())["rows"]
+    breakdown = json.loads((tmp_path / "b.json").read_text())
+    dense, butler = breakdown["rows"]
+    assert all(value > 0 for value in breakdown["probes"].values())
     assert 0 < dense["attention"] < dense["step"] and set(dense) == {"config", "step", "attention"}
     parts = ["producers", "cache updates"] + (["kernel"] if NUMBA_AVAILABLE else [])
     assert all(0 < butler[p] < butler["step"] for p in parts) and set(butler) == {"config", "step", "attention", *parts}
