@@ -99,8 +99,8 @@ def _attend_kernel(q, k, k_b, k_h, k_row, v, v_b, v_h, v_row, idx, keep, masked,
     acc = np.empty((G, Dv), np.float32)
     for b in range(B):
         for h in range(H):
-            attend_one(q[b, h], k, b * k_b + h * k_h, k_row, v, b * v_b + h * v_h, v_row, idx[b, h], keep[b, h] if masked else keep[0, 0],
-                       masked, scale, out[b, h], logits, bits, acc)
+            attend_one(q[b, h], k, b * k_b + h * k_h, k_row, v, b * v_b + h * v_h, v_row, idx[b, h],
+                       keep[b, h] if masked else keep[0, 0], masked, scale, out[b, h], logits, bits, acc)
 
 
 def sparse_decode_attention_cpu(
