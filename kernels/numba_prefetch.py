@@ -22,10 +22,15 @@ def prefetch(typingctx, array, index):
 
     def codegen(context, builder, signature, args):
         data = context.make_array(signature.args[0])(context, builder, args[0]).data
-        address = builder.bitcast(builder.gep(data, [args[1]]), ir.PointerType())
+        address = builder.gep(data, [args[1]])
+        if getattr(address.type, "is_opaque", False):  # opaque pointers (recent llvmlite)
+            pointer, name = address.type, "llvm.prefetch.p0"
+        else:  # typed pointers (llvmlite < 0.44): the intrinsic takes an i8*
+            pointer, name = ir.IntType(8).as_pointer(), "llvm.prefetch.p0i8"
+            address = builder.bitcast(address, pointer)
         i32 = ir.IntType(32)
         llvm_prefetch = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.VoidType(), [ir.PointerType(), i32, i32, i32]), "llvm.prefetch.p0"
+            builder.module, ir.FunctionType(ir.VoidType(), [pointer, i32, i32, i32]), name
         )
         builder.call(llvm_prefetch, [address, i32(0), i32(3), i32(1)])  # read, highest locality, data cache
         return context.get_dummy_value()
