@@ -19,6 +19,7 @@ layer's weights streamed through the caches before each call, as in a decode ste
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import sys
 from pathlib import Path
 
@@ -30,7 +31,7 @@ import argparse
 import json
 import statistics
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 
 import torch
 from tqdm.auto import tqdm
@@ -46,22 +47,6 @@ def _decode_cpu():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-@contextmanager
-def timed_attribute(owner, name: str, watch):
-    """Route ``owner.name`` (a class, module or instance attribute) through ``watch`` (a `decode_cpu.Stopwatch`)
-    for the duration."""
-    own = name in vars(owner)  # else inherited (a method seen through an instance): shadowed, then unshadowed
-    original = vars(owner)[name] if own else getattr(owner, name)
-    setattr(owner, name, watch.wrap(original))
-    try:
-        yield
-    finally:
-        if own:
-            setattr(owner, name, original)
-        else:
-            delattr(owner, name)
 
 
 def _median_us(fn, repeats: int, before=None) -> float:
@@ -100,7 +85,7 @@ def probes(model, butler: ButlerCache, repeats: int = 50) -> dict[str, float]:
             rows[w.shape[1]] @ w.T
 
     layers = [butler.layers[i] for i in butler.sparse_layers]
-    turn = iter(range(10**9))
+    turn = itertools.count()
 
     def each_layer_in_turn(op):  # the next sparse layer's state each call, as a decode step visits them
         return lambda: op(layers[next(turn) % len(layers)])
@@ -158,12 +143,12 @@ def main() -> None:
     tokens = dict.fromkeys(caches, first)
     with ExitStack() as stack:
         attention = stack.enter_context(bench.attention_timer())
-        stack.enter_context(timed_attribute(butler, "on_layer_input", watches["producers"]))
-        stack.enter_context(timed_attribute(ButlerLayer, "update", watches["cache updates"]))
+        stack.enter_context(bench.timed_attribute(butler, "on_layer_input", watches["producers"]))
+        stack.enter_context(bench.timed_attribute(ButlerLayer, "update", watches["cache updates"]))
         if args.backend == "numba":
             from butler_cache.kernels import decode_step_cpu
 
-            stack.enter_context(timed_attribute(decode_step_cpu, "_decode_step_kernel", watches["kernel"]))
+            stack.enter_context(bench.timed_attribute(decode_step_cpu, "_decode_step_kernel", watches["kernel"]))
         for step in tqdm(range(args.steps + 2), desc="steps", leave=False):
             for name, cache in caches.items():
                 before = {part: w.seconds for part, w in watches.items()}

@@ -31,7 +31,7 @@ import argparse
 import json
 import statistics
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 
 import torch
 from tqdm.auto import tqdm
@@ -58,24 +58,31 @@ class Stopwatch:
 
 
 @contextmanager
+def timed_attribute(owner, name: str, watch: Stopwatch):
+    """Route ``owner.name`` (a class, module or instance attribute) through ``watch`` for the duration."""
+    own = name in vars(owner)  # else inherited (a method seen through an instance): shadowed, then unshadowed
+    original = vars(owner)[name] if own else getattr(owner, name)
+    setattr(owner, name, watch.wrap(original))
+    try:
+        yield
+    finally:
+        if own:
+            setattr(owner, name, original)
+        else:
+            delattr(owner, name)
+
+
+@contextmanager
 def predictor_timer(cache: ButlerCache):
     """Time spent producing importance queries and scoring + selecting (CPU: synchronous)."""
     watch = Stopwatch()
-    selectors = {name: getattr(attention_module, name) for name in ("select_tokens", "select_decode_tokens")}
     policy = cache.settings.policy
-    original_score, original_select = policy.score, policy.select_decode
-    original_produce = cache.on_layer_input
-    for name, fn in selectors.items():
-        setattr(attention_module, name, watch.wrap(fn))
-    policy.score, policy.select_decode = watch.wrap(original_score), watch.wrap(original_select)
-    cache.on_layer_input = watch.wrap(original_produce)
-    try:
+    targets = [(attention_module, "select_tokens"), (attention_module, "select_decode_tokens"),
+               (policy, "score"), (policy, "select_decode"), (cache, "on_layer_input")]
+    with ExitStack() as stack:
+        for owner, name in targets:
+            stack.enter_context(timed_attribute(owner, name, watch))
         yield watch
-    finally:
-        for name, fn in selectors.items():
-            setattr(attention_module, name, fn)
-        del policy.score, policy.select_decode
-        del cache.on_layer_input
 
 
 def copy_into(cache, prefilled: DynamicCache):
