@@ -17,28 +17,86 @@ import numpy as np
 import torch
 
 from ..cpu_utils import check_row_budget, flat_view
+from ..numba_intrinsics import fmax
 from ..numba_math import FASTMATH, exp_inplace
 
 
 @numba.njit(nogil=True, cache=True, error_model="numpy")
 def _kth_largest_key(keys: np.ndarray, m: int) -> tuple[np.uint32, int]:
-    """The ``m``-th largest of the uint32 ``keys`` (1-based) and how many keys equal to it it takes to make ``m``."""
-    prefix, mask, remaining = np.uint32(0), np.uint32(0), m
-    hist = np.empty(2048, np.int64)
-    for shift, width in ((21, 11), (10, 11), (0, 10)):  # 11 + 11 + 10 bits, most significant first
-        top = (1 << width) - 1
-        hist[: top + 1] = 0
-        for i in range(keys.shape[0]):
-            key = keys[i]
-            if (key & mask) == prefix:
-                hist[(key >> shift) & top] += 1
-        bucket = top
+    """The ``m``-th largest of the uint32 ``keys`` (1-based) and how many keys equal to it it takes to make ``m``.
+
+    Radix select on 11 + 11 + 10 bits, most significant first. Each pass histograms the digit of the keys still
+    in play, finds the bucket that holds the ``m``-th (walking down from the highest digit seen), and keeps only
+    that bucket's keys (gathered into a scratch array) for the next pass.
+    """
+    hist = np.empty(2048, np.int32)
+    scratch = np.empty_like(keys)
+    candidates, count = keys, keys.shape[0]
+    prefix, remaining = np.uint32(0), m
+    for shift, width in ((21, 11), (10, 11), (0, 10)):
+        mask = np.uint32((1 << width) - 1)
+        hist[: mask + 1] = 0
+        high = np.uint32(0)
+        for i in range(count):
+            digit = (candidates[i] >> np.uint32(shift)) & mask
+            hist[digit] += 1
+            high = max(high, digit)
+        bucket = np.int64(high)
         while hist[bucket] < remaining:
             remaining -= hist[bucket]
             bucket -= 1
         prefix |= np.uint32(bucket) << np.uint32(shift)
-        mask |= np.uint32(top) << np.uint32(shift)
+        if shift:
+            kept = 0
+            for i in range(count):  # branch-free: keep the keys of that bucket
+                key = candidates[i]
+                scratch[kept] = key
+                kept += ((key >> np.uint32(shift)) & mask) == bucket
+            candidates, count = scratch, kept
     return prefix, remaining
+
+
+# Above this many keys, `_top_positions` first estimates a floor for the top ``m`` from every
+# ``_SAMPLE_STRIDE``-th key and goes on with the keys above it only.
+_SAMPLE_MIN = 2048
+_SAMPLE_STRIDE = 8
+
+
+@numba.njit(nogil=True, cache=True, error_model="numpy")
+def _top_positions(keys: np.ndarray, m: int, out: np.ndarray) -> None:
+    """``out[:m]`` = the positions of the ``m`` largest uint32 ``keys``, in position order (of equal keys, the
+    first ones).
+
+    The exact threshold comes from `_kth_largest_key`, run on the keys at or above a floor taken from a
+    strided sample (chosen so that about 1.5 ``m`` keys pass, more than ``m`` with high probability): one
+    gathering pass over all keys, the rest on the few hundred gathered. If fewer than ``m`` pass, or the keys
+    are few, all keys go through (same result, slower).
+    """
+    n = keys.shape[0]
+    candidates, positions, count = keys, np.empty(0, np.int32), n
+    if n >= _SAMPLE_MIN and 4 * m <= n:
+        sample = keys[::_SAMPLE_STRIDE].copy()
+        expected = m * sample.shape[0] / n  # the sample's share of the top m
+        rank = int(expected + 3.0 * np.sqrt(expected)) + 2
+        if rank <= sample.shape[0]:
+            floor, _ = _kth_largest_key(sample, rank)
+            gathered, at = np.empty(n, np.uint32), np.empty(n, np.int32)
+            passed = 0
+            for i in range(n):  # branch-free gather of the keys at or above the floor, in position order
+                key = keys[i]
+                gathered[passed] = key
+                at[passed] = i
+                passed += key >= floor
+            if passed >= m:  # then the m-th largest key is >= floor: every key above the threshold is here
+                candidates, positions, count = gathered, at, passed
+    threshold, ties = _kth_largest_key(candidates[:count], m)
+    o = 0
+    for c in range(count):
+        key = candidates[c]
+        if key > threshold or (key == threshold and ties > 0):
+            ties -= key == threshold
+            out[o] = positions[c] if positions.shape[0] else c
+            o += 1
 
 
 _BLOCK = 1024  # tokens per block of the scoring loop (a block's d' feature slices stay in L2, its logits in L1)
@@ -49,9 +107,9 @@ def _logits_and_lse(q, k, k_off, s_l, s_e, L, logits, lse):
     """``logits[g, l] = q[g] . k[l]`` over one (b, h) and each head's log-sum-exp, in one pass over the keys.
 
     ``q`` ``[G, E]`` (scale folded in), ``k`` flat with the (b, h) block at ``k_off``, token stride ``s_l``,
-    feature stride ``s_e``; ``logits`` ``[G, >= L]``, ``lse`` ``[G]``. Per block of tokens, each head in turn:
-    its logits row accumulated over the features (vectorised over the tokens), then folded into its running
-    log-sum-exp while still in L1.
+    feature stride ``s_e``; ``logits`` ``[G, >= L]``, ``lse`` ``[G]``. Per block of tokens: each feature's
+    slice read once into the ``G`` logits rows (vectorised over the tokens), then each row folded into its
+    head's running log-sum-exp while still in L1.
     """
     G, E = q.shape
     work = np.empty(_BLOCK, np.float32)
@@ -65,18 +123,30 @@ def _logits_and_lse(q, k, k_off, s_l, s_e, L, logits, lse):
             row = logits[g, l0 : l0 + nb]  # 1-D rows of a C array keep unit stride (2-D slices would not vectorise)
             for j in range(nb):
                 row[j] = 0.0
-            for e in range(E):
+        e = 0
+        if s_l == 1:  # feature-major keys: the tokens of one feature are contiguous; four features per pass
+            while e + 4 <= E:
+                f0 = k[start + e * s_e : start + e * s_e + nb]
+                f1 = k[start + (e + 1) * s_e : start + (e + 1) * s_e + nb]
+                f2 = k[start + (e + 2) * s_e : start + (e + 2) * s_e + nb]
+                f3 = k[start + (e + 3) * s_e : start + (e + 3) * s_e + nb]
+                for g in range(G):
+                    q0, q1, q2, q3 = q[g, e], q[g, e + 1], q[g, e + 2], q[g, e + 3]
+                    row = logits[g, l0 : l0 + nb]
+                    for j in range(nb):
+                        row[j] += q0 * f0[j] + q1 * f1[j] + q2 * f2[j] + q3 * f3[j]
+                e += 4
+        for e in range(e, E):  # the rest (row-major keys: all features)
+            for g in range(G):
                 qe = q[g, e]
-                if s_l == 1:  # feature-major keys: the tokens of one feature are contiguous
-                    feature = k[start + e * s_e : start + e * s_e + nb]
-                    for j in range(nb):
-                        row[j] += qe * feature[j]
-                else:
-                    for j in range(nb):
-                        row[j] += qe * k[start + e * s_e + j * s_l]
-            m = peak[g]  # online log-sum-exp over the blocks
+                row = logits[g, l0 : l0 + nb]
+                for j in range(nb):
+                    row[j] += qe * k[start + e * s_e + j * s_l]
+        for g in range(G):  # online log-sum-exp over the blocks
+            row = logits[g, l0 : l0 + nb]
+            m = peak[g]
             for j in range(nb):
-                m = max(m, row[j])
+                m = fmax(m, row[j])
             for j in range(nb):
                 work[j] = row[j] - m
             exp_inplace(work[:nb], bits[:nb])
@@ -102,30 +172,27 @@ def select_one(q, k, k_off, s_l, s_e, L, sinks, window, out, logits, lse, best):
     inner = L - sinks - window  # tokens ranked
     m = n - sinks - window  # tokens chosen among them
     _logits_and_lse(q, k, k_off, s_l, s_e, L, logits, lse)
+    ranked = best[:inner]
+    row = logits[0, sinks : sinks + inner]
     for i in range(inner):
-        best[i] = logits[0, sinks + i] - lse[0]
+        ranked[i] = row[i] - lse[0]
     for g in range(1, G):
+        row = logits[g, sinks : sinks + inner]
         for i in range(inner):
-            best[i] = max(best[i], logits[g, sinks + i] - lse[g])
+            ranked[i] = fmax(ranked[i], row[i] - lse[g])
     # float -> uint32 keys in the same order: flip all bits of negatives, the sign bit of the rest
-    keys = best[:inner].view(np.uint32)
+    keys = ranked.view(np.uint32)
     for i in range(inner):
         key = keys[i]
-        keys[i] = ~key if key >> np.uint32(31) else key | np.uint32(0x80000000)
-    threshold, ties = _kth_largest_key(keys, m)
-    o = 0
+        keys[i] = key ^ ((np.uint32(0) - (key >> np.uint32(31))) | np.uint32(0x80000000))
     for i in range(sinks):
-        out[o] = i
-        o += 1
+        out[i] = i
     for i in range(window):
-        out[o] = L - window + i
-        o += 1
-    for i in range(inner):
-        key = keys[i]
-        if key > threshold or (key == threshold and ties > 0):
-            ties -= key == threshold
-            out[o] = sinks + i
-            o += 1
+        out[sinks + i] = L - window + i
+    chosen = out[sinks + window :]
+    _top_positions(keys, m, chosen)
+    for i in range(m):
+        chosen[i] += sinks
 
 
 @numba.njit(fastmath=FASTMATH, nogil=True, cache=True, error_model="numpy")

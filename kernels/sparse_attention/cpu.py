@@ -17,7 +17,7 @@ import torch
 
 from ..cpu_utils import flat_rows
 from ..numba_math import FASTMATH, exp_inplace
-from ..numba_prefetch import prefetch
+from ..numba_intrinsics import fmax, prefetch
 
 # selected rows prefetched ahead of the one being read (its K and V rows, one cache line in 16 floats)
 PREFETCH_ROWS = 16
@@ -60,11 +60,11 @@ def attend_one(q, k, k_off, k_row, v, v_off, v_row, idx, keep, masked, scale, ou
     if kept > 0:
         for g in range(G):
             probs = logits[g, :S]
-            peak = -np.inf
+            peak = np.float32(-np.inf)
             for s in range(S):
-                peak = max(peak, probs[s])
+                peak = fmax(peak, probs[s])
             for s in range(S):
-                probs[s] = max(probs[s] - peak, np.float32(-100.0))  # masked slots: about 0, zeroed below
+                probs[s] = fmax(probs[s] - peak, np.float32(-100.0))  # masked slots: about 0, zeroed below
             exp_inplace(probs, bits[:S])
             if masked:
                 for s in range(S):

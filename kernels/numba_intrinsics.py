@@ -1,8 +1,11 @@
-"""A software prefetch for the numba CPU kernels (imported only where numba is installed).
+"""LLVM intrinsics for the numba CPU kernels (imported only where numba is installed).
 
-The sparse attention reads the K/V rows the selection picked: scattered rows whose addresses the
-hardware prefetchers cannot guess, so without help each row costs a full DRAM latency. Issuing
-``prefetch`` a few rows ahead keeps several of those reads in flight at once.
+- `prefetch`: a software prefetch. The sparse attention reads the K/V rows the selection picked:
+  scattered rows whose addresses the hardware prefetchers cannot guess, so without help each row costs
+  a full DRAM latency. Issuing ``prefetch`` a few rows ahead keeps several of those reads in flight.
+- `fmax`: ``llvm.maxnum`` on float32 flagged ``nnan``. numba lowers ``max(a, b)`` with explicit NaN
+  branches, which LLVM cannot turn into a vector reduction: a running ``max`` over 24k floats took 13 us,
+  with `fmax` 0.9 us. The kernels only take maxima of finite numbers (and -inf start values), never NaN.
 """
 
 from __future__ import annotations
@@ -36,3 +39,17 @@ def prefetch(typingctx, array, index):
         return context.get_dummy_value()
 
     return types.void(array, index), codegen
+
+
+@intrinsic
+def fmax(typingctx, a, b):
+    """The larger of two float32 values (neither NaN), in a form LLVM vectorises as a reduction."""
+    if not (a == types.float32 and b == types.float32):
+        return None
+
+    def codegen(context, builder, signature, args):
+        f32 = ir.FloatType()
+        maxnum = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f32, [f32, f32]), "llvm.maxnum.f32")
+        return builder.call(maxnum, args, fastmath=("nnan", "nsz"))
+
+    return types.float32(a, b), codegen
