@@ -6,7 +6,7 @@ import importlib
 
 import pytest
 import torch
-from hypothesis import assume, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 from butler_cache import ButlerCache, ButlerConfig, ButlerPredictor
@@ -72,6 +72,38 @@ def test_fused_scoring_across_several_blocks(L):
         chosen, expected = set(got[0, h, 0].tolist()), set(ref.indices[0, h, 0].tolist())
         diff = sorted(chosen ^ expected)
         assert len(diff) <= 2 and (not diff or (scores[0, h, 0, diff].max() - scores[0, h, 0, diff].min()) < 1e-5)
+
+
+@settings(max_examples=40, deadline=None)
+@example(n=4096, share=0.2, distinct=2**32, order="sampled", seed=0)  # too few pass the floor: the exact fallback
+@example(n=4096, share=0.05, distinct=2**32, order="hidden", seed=0)  # all pass: the exact path on every key
+@example(n=8192, share=0.06, distinct=2**32, order="random", seed=0)  # the sampled path, as at 8k, 1/16
+@example(n=8192, share=0.06, distinct=3, order="random", seed=0)  # the threshold inside a run of equal keys
+@given(n=st.integers(1, 20000), share=st.floats(0.0, 1.0), distinct=st.sampled_from([1, 3, 50, 2**32]),
+       order=st.sampled_from(["random", "ascending", "descending", "hidden", "sampled"]), seed=st.integers(0, 2**31 - 1))
+def test_top_positions_are_the_exact_top_m(n, share, distinct, order, seed):
+    """The top-k of the selection kernel, on its sampled path (many keys, few chosen) and its exact fallback
+    alike: the positions of the m largest keys, equal keys taken first-come, in position order."""
+    import numpy as np
+
+    from butler_cache.kernels.scoring.cpu import _top_positions
+
+    rng = np.random.default_rng(seed)
+    m = max(1, int(share * n))
+    keys = rng.integers(0, distinct, n, dtype=np.uint64).astype(np.uint32)
+    if distinct == 2**32:  # about log-probabilities: a narrow band of float bits
+        keys = rng.normal(-9.0, 1.5, n).astype(np.float32).view(np.uint32) ^ np.uint32(0xFFFFFFFF)
+    if order == "ascending":  # the strided sample sees a skewed picture of sorted keys
+        keys.sort()
+    elif order == "descending":
+        keys = np.sort(keys)[::-1].copy()
+    elif order in ("hidden", "sampled"):  # the sample stride sees the smallest keys only, or the largest only
+        phase = np.arange(n) % 8 == 0
+        keys[phase] = np.uint32(0) if order == "hidden" else np.uint32(2**32 - 1)
+    out = np.full(m, -1, np.int64)
+    _top_positions(keys, m, out)
+    expected = np.sort(np.lexsort((np.arange(n), -keys.astype(np.int64)))[:m])  # largest first, then earliest
+    np.testing.assert_array_equal(out, expected)
 
 
 @settings(max_examples=20)
