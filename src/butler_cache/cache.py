@@ -132,13 +132,41 @@ class ButlerLayer(GrowingLayer):
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        keys, values = super().update(key_states, value_states)
-        if self.predictor is not None:
-            new = self.predictor.keys_from_cache(self.layer_idx, key_states)  # [B, H_kv, T, d'] or None
-            if new is not None:
-                self.append_importance_keys(new)
+        if not self._update_in_place(key_states, value_states):
+            super().update(key_states, value_states)
+            if self.predictor is not None:
+                new = self.predictor.keys_from_cache(self.layer_idx, key_states)  # [B, H_kv, T, d'] or None
+                if new is not None:
+                    self.append_importance_keys(new)
         ACTIVE_LAYER.set(self)
-        return keys, values
+        return self.keys, self.values
+
+    def _update_in_place(self, key_states: torch.Tensor, value_states: torch.Tensor) -> bool:
+        """With the numba backend: K/V rows and their importance keys written into the storages' spare rows in
+        one compiled call (`append_and_project_cpu`), when all three have the room. False if it did nothing."""
+        if self.predictor is None or not self.is_initialized or self.keys.device.type != "cpu":
+            return False
+        if resolve_backend(self.settings.backend, self.keys.device) != "numba":
+            return False
+        weight = self.predictor.key_projection(self.layer_idx)  # [H_kv, D, d'] or None
+        T, L = key_states.shape[-2], self.keys.shape[-2]
+        if (
+            weight is None
+            or torch.is_grad_enabled() and (weight.requires_grad or key_states.requires_grad)  # autograd: the torch path
+            or not all(t.dtype == torch.float32 for t in (key_states, value_states, weight, self.keys))
+            or key_states.shape[:-2] != self.keys.shape[:-2]
+            or self.importance_keys is None
+            or self.importance_keys.shape[-2] != L
+            or min(self.spare_rows(name) for name in ("keys", "values", "importance_keys")) < T
+        ):
+            return False
+        from .kernels.cache_update_cpu import append_and_project_cpu
+
+        append_and_project_cpu(key_states, value_states, weight, self.flat_storage("keys"), self.flat_storage("values"),
+                               self.flat_storage("importance_keys"), L)
+        for name in ("keys", "values", "importance_keys"):
+            self.grow_in_place(name, T)
+        return True
 
     def append_importance_keys(self, new: torch.Tensor) -> None:
         """Add the importance keys ``[B, H_k, T, d']`` of the new tokens.

@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from transformers.cache_utils import DynamicLayer
 
+from .kernels.cpu_utils import flat_view
+
 # spare rows allocated on top of what is needed: at least this many, and at least 1/8 of the length,
 # so that reallocation copies amortise to a few rows per appended token.
 MIN_SPARE_ROWS = 256
@@ -77,14 +79,39 @@ class GrowingLayer(DynamicLayer):
         super().__init__()
         # storages that the tensors of the same name are prefix views of
         self._storage: dict[str, torch.Tensor | None] = {"keys": None, "values": None}
+        self._flat_storage: dict[str, tuple] = {}  # `flat_view`s of CPU storages, made on demand (`flat_storage`)
 
     def _append(self, name: str, new: torch.Tensor, feature_major: bool = False) -> torch.Tensor:
-        view, self._storage[name] = append_rows(getattr(self, name), self._storage[name], new, feature_major)
+        storage = self._storage[name]
+        view, self._storage[name] = append_rows(getattr(self, name), storage, new, feature_major)
+        if self._storage[name] is not storage:
+            self._flat_storage.pop(name, None)
         setattr(self, name, view)
         return view
 
+    def spare_rows(self, name: str) -> int:
+        """Rows left in the storage past tensor ``name`` (0 when it is not a prefix view of its storage)."""
+        current, storage = getattr(self, name), self._storage[name]
+        if storage is None or current is None or current.dim() != storage.dim() or not _is_prefix_view(current, storage):
+            return 0
+        return storage.shape[-2] - current.shape[-2]
+
+    def grow_in_place(self, name: str, rows: int) -> torch.Tensor:
+        """Extend tensor ``name`` by ``rows`` rows of its storage (written by the caller; see `spare_rows`)."""
+        current = getattr(self, name)
+        view = self._storage[name].narrow(-2, 0, current.shape[-2] + rows)
+        setattr(self, name, view)
+        return view
+
+    def flat_storage(self, name: str) -> tuple:
+        """`kernels.cpu_utils.flat_view` of the CPU storage behind tensor ``name`` (kept until it is replaced)."""
+        if name not in self._flat_storage:
+            self._flat_storage[name] = flat_view(self._storage[name])
+        return self._flat_storage[name]
+
     def _release_storage(self) -> None:
         self._storage = dict.fromkeys(self._storage)
+        self._flat_storage = {}
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any

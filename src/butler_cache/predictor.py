@@ -83,6 +83,11 @@ class ButlerPredictor(nn.Module, PushToHubMixin):
         """Importance keys derived from the model's new real keys ``[B, H_kv, T, D]``, or None."""
         return None
 
+    def key_projection(self, layer_idx: int) -> torch.Tensor | None:
+        """``[H_kv, head_dim, d']`` when `keys_from_cache` is ``key_states[:, h] @ W[h]`` per KV head (what the
+        numba cache update computes itself), else None."""
+        return None
+
     def new_state(self) -> DynamicLayer | None:
         """A fresh per-sequence decode state, kept by the cache beside the K/V (None if stateless)."""
         return None

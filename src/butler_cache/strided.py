@@ -73,9 +73,12 @@ class StridedPredictor(ButlerPredictor):
             for layer, q in zip(self.config.producer_groups[producer], queries.unbind(0), strict=True)
         }
 
+    def key_projection(self, layer_idx: int) -> torch.Tensor:
+        return self.key_projections[self._slot_of_layer[layer_idx]]  # [H_kv, head_dim, d']
+
     def keys_from_cache(self, layer_idx: int, key_states: torch.Tensor) -> torch.Tensor:
         """``[B, H_kv, T, head_dim]`` real keys -> ``[B, H_kv, T, d']`` projected keys."""
-        weight = self.key_projections[self._slot_of_layer[layer_idx]]  # [H_kv, head_dim, d']
+        weight = self.key_projection(layer_idx)  # [H_kv, head_dim, d']
         B, H, T, D = key_states.shape
         # one bmm over the heads (a broadcasting 4-D x 3-D matmul costs several times more at T = 1)
         rows = key_states.to(weight.dtype).transpose(0, 1).reshape(H, B * T, D)  # [H_kv, B * T, D]

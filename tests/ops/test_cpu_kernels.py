@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+from unittest import mock
 
 import pytest
 import torch
@@ -209,3 +210,60 @@ def test_numba_backend_falls_back_to_torch_for_other_dtypes():
         cache = ButlerCache(model, predictor, token_budget=12, sink_tokens=2, local_window=2, backend=backend)
         out[backend] = model.generate(input_ids=ids, max_new_tokens=5, do_sample=False, past_key_values=cache)
     assert torch.equal(out["torch"], out["numba"])
+
+
+# one step of a layer's life: ("update", new tokens) | ("crop", tokens) | ("reorder",) (replaces the tensors)
+layer_steps = st.lists(
+    st.one_of(
+        st.tuples(st.just("update"), st.sampled_from([1, 1, 1, 2, 7, 300])),
+        st.tuples(st.just("crop"), st.integers(1, 5)),
+        st.tuples(st.just("reorder"),),
+    ),
+    min_size=1,
+    max_size=12,
+)
+
+
+@settings(max_examples=25, deadline=None)
+@given(steps=layer_steps, B=st.integers(1, 2), kv_heads=st.sampled_from([1, 2]), prefill=st.integers(1, 40),
+       seed=st.integers(0, 2**31 - 1))
+def test_fused_cache_update_keeps_what_the_separate_appends_keep(steps, B, kv_heads, prefill, seed):
+    """`ButlerLayer.update` with the numba backend (K/V rows and importance keys written in one compiled call
+    while the storages have room) holds what the PyTorch backend holds (three appends and the projection),
+    through updates that fit, updates that outgrow the storages, crops and tensor-replacing operations."""
+    from butler_cache import ButlerLayer, SparseAttentionSettings, TokenBudget
+    from butler_cache.kernels import cache_update_cpu
+    from butler_cache.policies import make_policy
+
+    model = tiny_model("llama", seed=1, num_attention_heads=2 * kv_heads, num_key_value_heads=kv_heads)
+    torch.manual_seed(seed % 1000)
+    predictor = ButlerPredictor(ButlerConfig.for_model(model))
+    layers = {
+        backend: ButlerLayer(predictor.config.sparse_layers[0],
+                             SparseAttentionSettings(make_policy("butler"), TokenBudget(64), backend=backend), predictor)
+        for backend in ("torch", "numba")
+    }
+    numba_layer = layers["numba"]
+    gen = torch.Generator().manual_seed(seed)
+    D = model.config.head_dim
+    expected_fused = 0
+    spy = mock.patch.object(cache_update_cpu, "append_and_project_cpu", wraps=cache_update_cpu.append_and_project_cpu)
+    with spy as fused, torch.no_grad():  # as in generate (with autograd on, the torch path runs)
+        for step in [("update", prefill), *steps]:
+            if step[0] == "update":
+                k = torch.randn(B, kv_heads, step[1], D, generator=gen)
+                v = torch.randn(B, kv_heads, step[1], D, generator=gen)
+                expected_fused += numba_layer.is_initialized and min(
+                    numba_layer.spare_rows(name) for name in ("keys", "values", "importance_keys")) >= step[1]
+                for layer in layers.values():
+                    layer.update(k, v)
+            elif step[0] == "crop":
+                for layer in layers.values():
+                    layer.crop(-min(step[1], layer.keys.shape[-2] - 1))
+            else:
+                for layer in layers.values():
+                    layer.reorder_cache(torch.arange(B).flip(0))
+            torch.testing.assert_close(numba_layer.keys, layers["torch"].keys, rtol=0, atol=0)
+            torch.testing.assert_close(numba_layer.values, layers["torch"].values, rtol=0, atol=0)
+            torch.testing.assert_close(numba_layer.importance_keys, layers["torch"].importance_keys)
+    assert fused.call_count == expected_fused  # the compiled update ran exactly when the storages had room
