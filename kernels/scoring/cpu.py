@@ -123,9 +123,9 @@ def _logits_and_lse(q, k, k_off, s_l, s_e, L, logits, lse):
             row = logits[g, l0 : l0 + nb]  # 1-D rows of a C array keep unit stride (2-D slices would not vectorise)
             for j in range(nb):
                 row[j] = 0.0
-        e = 0
+        done = 0  # features accumulated so far
         if s_l == 1:  # feature-major keys: the tokens of one feature are contiguous; four features per pass
-            while e + 4 <= E:
+            for e in range(0, E - 3, 4):
                 f0 = k[start + e * s_e : start + e * s_e + nb]
                 f1 = k[start + (e + 1) * s_e : start + (e + 1) * s_e + nb]
                 f2 = k[start + (e + 2) * s_e : start + (e + 2) * s_e + nb]
@@ -135,8 +135,8 @@ def _logits_and_lse(q, k, k_off, s_l, s_e, L, logits, lse):
                     row = logits[g, l0 : l0 + nb]
                     for j in range(nb):
                         row[j] += q0 * f0[j] + q1 * f1[j] + q2 * f2[j] + q3 * f3[j]
-                e += 4
-        for e in range(e, E):  # the rest (row-major keys: all features)
+            done = E - E % 4
+        for e in range(done, E):  # the rest (row-major keys: all features)
             for g in range(G):
                 qe = q[g, e]
                 row = logits[g, l0 : l0 + nb]

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from ..cpu_utils import flat_rows
-from ..numba_math import FASTMATH, exp_inplace
 from ..numba_intrinsics import fmax, prefetch
+from ..numba_math import FASTMATH, exp_inplace
 
 # selected rows prefetched ahead of the one being read (its K and V rows, one cache line in 16 floats)
 PREFETCH_ROWS = 16

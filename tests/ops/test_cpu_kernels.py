@@ -30,7 +30,7 @@ def _keys(B, H, L, E, spare, feature_major, gen):
 
 @settings(max_examples=20)
 @given(B=st.integers(1, 2), H=st.integers(1, 3), G=st.sampled_from([1, 2, 3, 8]), L=st.integers(2, 1500),
-       E=st.sampled_from([4, 16, 32]), sinks=st.integers(0, 4), window=st.integers(1, 16), frac=st.floats(0.0, 1.0),
+       E=st.sampled_from([4, 6, 16, 32]), sinks=st.integers(0, 4), window=st.integers(1, 16), frac=st.floats(0.0, 1.0),
        spare=st.integers(0, 9), feature_major=st.booleans(), seed=st.integers(0, 2**31 - 1))
 def test_fused_scoring_selects_the_reference_top_k(B, H, G, L, E, sinks, window, frac, spare, feature_major, seed):
     from butler_cache.kernels.scoring.cpu import score_select_decode_cpu
