@@ -5,7 +5,8 @@ log of the group-max predicted probability) and returns the selection `select_de
 from those scores: sinks, local window and the top-k of the tokens between them. Per KV head, one
 compiled loop reads the importance keys once, in blocks of tokens, computing the ``G`` heads' logits
 and their running log-sum-exp (a vectorised exp); then the group max, and the top-k by an exact radix
-select on the float bits (three histogram passes, no sort). Keys kept feature-major (``[d', L]``
+select on the float bits (no sort), run on the keys above a floor estimated from a strided sample
+(`_top_positions`). Keys kept feature-major (``[d', L]``
 memory, what `ButlerLayer` keeps with this backend) are read with unit stride; row-major keys work too,
 more slowly. The sinks and the window come first in each row, the top-k after them in position order.
 """
