@@ -3,7 +3,7 @@
 `append_and_project_cpu` writes the new tokens' keys and values into the spare rows of their storages
 and their importance keys (the strided predictor's per-head projection of the new keys) into the
 importance-key storage, where `ButlerLayer.update` otherwise spends three `append_rows` and a batched
-matmul (about 30 us of PyTorch calls per layer and step at one token). Reference: `growth.append_rows`
+matmul (the whole update of an 8k SmolLM2 layer at one token, warm: 35 us that way, 26 us with this). Reference: `growth.append_rows`
 of the keys, the values and ``predictor.keys_from_cache(layer, keys)``; equal up to float rounding of the
 projection.
 """
@@ -60,5 +60,7 @@ def append_and_project_cpu(
     are copied, importance keys set to ``key_states[b, h, t] @ weight[h]``. The caller checks that the storages
     have the rows (this writes without bounds checks).
     """
+    if keys[4] != 1 or values[4] != 1:
+        raise ValueError(f"the K/V storages need contiguous rows, got feature strides {keys[4]} and {values[4]}")
     _append_project_kernel(key_states.numpy(), value_states.numpy(), weight.detach().numpy(), *keys[:4], *values[:4],
                            *importance_keys, at)
