@@ -78,25 +78,26 @@ def _top_positions(keys: np.ndarray, m: int, out: np.ndarray) -> None:
     if n >= _SAMPLE_MIN and 4 * m <= n:
         sample = keys[::_SAMPLE_STRIDE].copy()
         expected = m * sample.shape[0] / n  # the sample's share of the top m
-        rank = int(expected + 3.0 * np.sqrt(expected)) + 2
-        if rank <= sample.shape[0]:
-            floor, _ = _kth_largest_key(sample, rank)
-            gathered, at = np.empty(n, np.uint32), np.empty(n, np.int32)
-            passed = 0
-            for i in range(n):  # branch-free gather of the keys at or above the floor, in position order
-                key = keys[i]
-                gathered[passed] = key
-                at[passed] = i
-                passed += key >= floor
-            if passed >= m:  # then the m-th largest key is >= floor: every key above the threshold is here
-                candidates, positions, count = gathered, at, passed
+        rank = int(expected + 3.0 * np.sqrt(expected)) + 2  # <= the sample's size, as 4 m <= n and n >= 2048
+        floor, _ = _kth_largest_key(sample, rank)
+        gathered, at = np.empty(n, np.uint32), np.empty(n, np.int32)
+        passed = 0
+        for i in range(n):  # branch-free gather of the keys at or above the floor, in position order
+            key = keys[i]
+            gathered[passed] = key
+            at[passed] = i
+            passed += key >= floor
+        if passed >= m:  # then the m-th largest key is >= floor: every key above the threshold is here
+            candidates, positions, count = gathered, at, passed
+    if positions.shape[0] == 0:  # all keys go through
+        positions = np.arange(n, dtype=np.int32)
     threshold, ties = _kth_largest_key(candidates[:count], m)
     o = 0
     for c in range(count):
         key = candidates[c]
         if key > threshold or (key == threshold and ties > 0):
             ties -= key == threshold
-            out[o] = positions[c] if positions.shape[0] else c
+            out[o] = positions[c]
             o += 1
 
 
