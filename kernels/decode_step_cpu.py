@@ -1,10 +1,13 @@
 """One decode step of a sparse layer on the CPU in one compiled call (numba): score, select, attend.
 
-`butler_decode_cpu` runs, per (batch, KV head), `scoring.cpu.select_one` (importance logits, each
-head's log-sum-exp, group max, radix top-k) and `sparse_attention.cpu.attend_one` (the selected K/V
-rows read in place) back to back, the (b, h) pairs spread over numba's threads. Equal to
-``sparse_attention(query, key, value, select_decode_tokens(score_reference(...)).indices, ...)`` up to
-ties in the selection and float rounding.
+`butler_decode_cpu` runs, for every (batch, KV head), the scoring of `scoring.cpu.select_one` (importance
+logits, each head's log-sum-exp, group max, radix top-k) and then `sparse_attention.cpu.attend_one` (the
+selected K/V rows read in place). The work is spread over numba's threads by token ranges, not by heads
+alone: the logits pass and the attention are each split into ``splits`` parts per (b, h), whose partial
+log-sum-exps and partial outputs are merged (flash-decoding style), so that one sequence with fewer KV heads
+than threads (3 KV heads on 2 cores for SmolLM2, 8 on 32 cores for Llama-3.1-8B) still keeps every thread
+busy. Equal to ``sparse_attention(query, key, value, select_decode_tokens(score_reference(...)).indices,
+...)`` up to ties in the selection and float rounding.
 
 numba's on-disk cache is keyed on each function's own source file: the compiled helpers inlined here
 from `scoring/cpu.py`, `sparse_attention/cpu.py` and `numba_math.py` do not invalidate it. After
@@ -14,38 +17,96 @@ files together, so users never see a stale mix).
 
 from __future__ import annotations
 
+import threading
+
 import numba
 import numpy as np
 import torch
 
 from .cpu_utils import check_row_budget, flat_rows, flat_view
 from .numba_math import FASTMATH
-from .scoring.cpu import select_one
-from .sparse_attention.cpu import attend_one
+from .scoring.cpu import logits_and_partial_lse, merge_lse, rank_keys, select_from_keys
+from .sparse_attention.cpu import attend_partial, merge_partials
+
+# a part of a (b, h) has at least this many tokens to score and rows to attend (set so that a part's work stays
+# well above a thread hand-off, about 2 us here; not tuned further)
+MIN_SCORED_PER_PART = 1024
+MIN_ATTENDED_PER_PART = 128
+
+
+def default_splits(pairs: int, L: int, n: int, threads: int) -> tuple[int, int]:
+    """Parts per (b, h) for the scoring and for the attention: enough for twice as many tasks as ``threads`` over
+    the ``pairs`` (b, h), no more than the minimum part sizes allow."""
+    wanted = -(-2 * threads // pairs) if threads > 1 else 1
+    return (max(1, min(wanted, L // MIN_SCORED_PER_PART)), max(1, min(wanted, n // MIN_ATTENDED_PER_PART)))
+
+
+_WORKSPACE = threading.local()
+_WORKSPACE_GROWTH = 4096  # tokens of room the workspace is allocated with beyond the context that needs it
+
+
+def _workspace(pairs: int, groups: int, L: int) -> tuple[np.ndarray, np.ndarray]:
+    """This thread's scratch for the kernel: logits ``[pairs, groups, >= L]`` float32 and ranking keys
+    ``[pairs, >= L]`` uint32, kept between calls (fresh arrays this size would cost page faults every step)."""
+    logits = getattr(_WORKSPACE, "logits", None)
+    if logits is None or logits.shape[:2] != (pairs, groups) or logits.shape[2] < L:
+        capacity = L + _WORKSPACE_GROWTH
+        _WORKSPACE.logits = np.empty((pairs, groups, capacity), np.float32)
+        _WORKSPACE.keys = np.empty((pairs, capacity), np.uint32)
+    return _WORKSPACE.logits, _WORKSPACE.keys
 
 
 @numba.njit(fastmath=FASTMATH, nogil=True, cache=True, error_model="numpy", parallel=True)
 def _decode_step_kernel(qi, qi_scale, ik, ik_b, ik_h, ik_l, ik_e, q, k, k_b, k_h, k_row, v, v_b, v_h, v_row, L, sinks,
-                        window, n, scale, out):
+                        window, n, scale, score_parts, attend_parts, logits, keys, out):
     """``qi`` ``[B, HQ, 1, E]`` importance queries (any strides, scaled by ``qi_scale`` here); importance keys flat
     with batch / head / token / feature strides; ``q`` ``[B, HQ, 1, D]`` (any strides); K/V flat with batch / head /
-    row strides; ``out`` ``[B, H, G, Dv]``."""
+    row strides; ``out`` ``[B, H, G, Dv]``; scratch ``logits`` ``[B * H, G, >= L]``, ``keys`` ``[B * H, >= L]``. Each (b, h) is scored in ``score_parts`` token ranges and attended in
+    ``attend_parts`` ranges of its selected rows, all ranges run as parallel tasks."""
     B, H, G, Dv = out.shape
     E, D = qi.shape[3], q.shape[3]
-    for bh in numba.prange(B * H):
-        b, h = bh // H, bh % H
-        qg, qd = np.empty((G, E), np.float32), np.empty((G, D), np.float32)  # this group's queries, contiguous
+    P = B * H
+    qg, qd = np.empty((P, G, E), np.float32), np.empty((P, G, D), np.float32)  # each group's queries, contiguous
+    for p in range(P):
+        b, h = p // H, p % H
         for g in range(G):
             for e in range(E):
-                qg[g, e] = qi[b, h * G + g, 0, e] * qi_scale
+                qg[p, g, e] = qi[b, h * G + g, 0, e] * qi_scale
             for d in range(D):
-                qd[g, d] = q[b, h * G + g, 0, d]
-        idx = np.empty(n, np.int64)
-        logits = np.empty((G, L), np.float32)
-        select_one(qg, ik, b * ik_b + h * ik_h, ik_l, ik_e, L, sinks, window, idx, logits, np.empty(G, np.float32),
-                   np.empty(L, np.float32))
-        attend_one(qd, k, b * k_b + h * k_h, k_row, v, b * v_b + h * v_h, v_row, idx, np.ones(1, np.bool_), False, scale,
-                   out[b, h], logits, np.empty(n, np.int32), np.empty((G, Dv), np.float32))
+                qd[p, g, d] = q[b, h * G + g, 0, d]
+    inner = L - sinks - window  # tokens ranked
+    peaks, totals = np.empty((P, score_parts, G), np.float32), np.empty((P, score_parts, G), np.float32)
+    span = -(-L // score_parts)
+    for task in numba.prange(P * score_parts):  # importance logits and partial log-sum-exps of a token range
+        p, c = task // score_parts, task % score_parts
+        b, h = p // H, p % H
+        begin = min(L, c * span)
+        logits_and_partial_lse(qg[p], ik, b * ik_b + h * ik_h, ik_l, ik_e, begin, min(L, begin + span), logits[p],
+                               peaks[p, c], totals[p, c])
+    lse = np.empty((P, G), np.float32)
+    for p in range(P):
+        merge_lse(peaks[p], totals[p], lse[p])
+    rank_span = -(-inner // score_parts)
+    for task in numba.prange(P * score_parts):  # the ranking keys of a token range
+        p, c = task // score_parts, task % score_parts
+        begin = min(inner, c * rank_span)
+        rank_keys(logits[p], lse[p], sinks, begin, min(inner, begin + rank_span), keys[p])
+    idx = np.empty((P, n), np.int64)
+    for p in numba.prange(P):  # top-k of each (b, h)
+        select_from_keys(keys[p], L, sinks, window, idx[p])
+    a_peaks, a_totals = np.empty((P, attend_parts, G), np.float32), np.empty((P, attend_parts, G), np.float32)
+    a_accs = np.empty((P, attend_parts, G, Dv), np.float32)
+    rows = -(-n // attend_parts)
+    for task in numba.prange(P * attend_parts):  # attention over a range of the selected rows
+        p, c = task // attend_parts, task % attend_parts
+        b, h = p // H, p % H
+        begin = min(n, c * rows)
+        end = min(n, begin + rows)
+        attend_partial(qd[p], k, b * k_b + h * k_h, k_row, v, b * v_b + h * v_h, v_row, idx[p, begin:end],
+                       np.ones(1, np.bool_), False, scale, a_peaks[p, c], a_totals[p, c], a_accs[p, c],
+                       np.empty((G, end - begin), np.float32), np.empty(end - begin, np.int32))
+    for p in range(P):
+        merge_partials(a_peaks[p], a_totals[p], a_accs[p], out[p // H, p % H])
 
 
 def butler_decode_cpu(
@@ -59,12 +120,14 @@ def butler_decode_cpu(
     sinks: int,
     window: int,
     n: int,
+    splits: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Sparse attention output ``[B, 1, HQ, Dv]`` of one unpadded decode step (float32 CPU tensors).
 
     ``importance_queries`` ``[B, HQ, 1, d']``, ``importance_keys`` ``[B, H, L, d']`` (any strides),
     ``query`` ``[B, HQ, 1, D]``, ``key``/``value`` ``[B, H, L, D|Dv]`` with contiguous rows; ``n`` the row
-    budget, ``sinks + window <= n < L``.
+    budget, ``sinks + window <= n < L``. ``splits``: parts per (b, h) of the scoring and of the attention
+    (`default_splits` for numba's thread count when None).
     """
     B, HQ, T, _ = importance_queries.shape
     H, L = key.shape[1], key.shape[2]
@@ -72,9 +135,12 @@ def butler_decode_cpu(
     if T != 1 or query.shape[2] != 1:
         raise ValueError(f"butler_decode_cpu serves one query row per sequence, got {T} and {query.shape[2]}")
     check_row_budget(n, sinks, window, L)
+    score_parts, attend_parts = splits or default_splits(B * H, L, n, numba.get_num_threads())
+    if score_parts < 1 or attend_parts < 1:
+        raise ValueError(f"splits={splits} must be two positive part counts")
     out = torch.empty(B, H, G, Dv)  # [B, 1, HQ, Dv] memory
     # strided views all the way down: the per-tensor preparation here is the whole Python cost of a layer's step
     _decode_step_kernel(importance_queries.to(torch.float32).numpy(), np.float32(importance_scale),
                         *flat_view(importance_keys), query.numpy(), *flat_rows(key), *flat_rows(value), L, sinks, window,
-                        n, np.float32(scale), out.numpy())
+                        n, np.float32(scale), score_parts, attend_parts, *_workspace(B * H, G, L), out.numpy())
     return out.view(B, 1, HQ, Dv)

@@ -105,21 +105,22 @@ _BLOCK = 1024  # tokens per block of the scoring loop (a block's d' feature slic
 
 
 @numba.njit(fastmath=FASTMATH, nogil=True, cache=True, error_model="numpy")
-def _logits_and_lse(q, k, k_off, s_l, s_e, L, logits, lse):
-    """``logits[g, l] = q[g] . k[l]`` over one (b, h) and each head's log-sum-exp, in one pass over the keys.
+def logits_and_partial_lse(q, k, k_off, s_l, s_e, begin, end, logits, peak, total):
+    """``logits[g, l] = q[g] . k[l]`` for the tokens ``begin <= l < end`` of one (b, h), and each head's log-sum-exp
+    over them as ``peak[g] + log(total[g])``, in one pass over those keys.
 
     ``q`` ``[G, E]`` (scale folded in), ``k`` flat with the (b, h) block at ``k_off``, token stride ``s_l``,
-    feature stride ``s_e``; ``logits`` ``[G, >= L]``, ``lse`` ``[G]``. Per block of tokens: each feature's
-    slice read once into the ``G`` logits rows (vectorised over the tokens), then each row folded into its
-    head's running log-sum-exp while still in L1.
+    feature stride ``s_e``; ``logits`` ``[G, >= end]``; ``peak``, ``total`` ``[G]`` are written. Per block of
+    tokens: each feature's slice read once into the ``G`` logits rows (vectorised over the tokens), then each row
+    folded into its head's running log-sum-exp while still in L1.
     """
     G, E = q.shape
     work = np.empty(_BLOCK, np.float32)
     bits = np.empty(_BLOCK, np.int32)
-    peak = np.full(G, -np.inf, np.float32)
-    total = np.zeros(G, np.float32)
-    for l0 in range(0, L, _BLOCK):
-        nb = min(_BLOCK, L - l0)
+    peak[:] = -np.inf
+    total[:] = 0.0
+    for l0 in range(begin, end, _BLOCK):
+        nb = min(_BLOCK, end - l0)
         start = k_off + l0 * s_l
         for g in range(G):
             row = logits[g, l0 : l0 + nb]  # 1-D rows of a C array keep unit stride (2-D slices would not vectorise)
@@ -157,8 +158,57 @@ def _logits_and_lse(q, k, k_off, s_l, s_e, L, logits, lse):
                 acc += work[j]
             total[g] = total[g] * np.exp(peak[g] - m) + acc
             peak[g] = m
+
+
+@numba.njit(fastmath=FASTMATH, nogil=True, cache=True, error_model="numpy")
+def merge_lse(peaks, totals, lse):
+    """``lse[g]`` = the log-sum-exp of the parts ``peaks[c, g] + log(totals[c, g])`` (``[C, G]``; an empty part has
+    peak -inf and total 0)."""
+    C, G = peaks.shape
     for g in range(G):
-        lse[g] = peak[g] + np.log(total[g])
+        m = np.float32(-np.inf)
+        for c in range(C):
+            m = fmax(m, peaks[c, g])
+        acc = np.float32(0.0)
+        for c in range(C):
+            if totals[c, g] > 0:
+                acc += totals[c, g] * np.exp(peaks[c, g] - m)
+        lse[g] = m + np.log(acc)
+
+
+@numba.njit(fastmath=FASTMATH, nogil=True, cache=True, error_model="numpy")
+def rank_keys(logits, lse, offset, begin, end, keys):
+    """``keys[i]`` for ``begin <= i < end``: the uint32 key of ``max_g (logits[g, offset + i] - lse[g])``, keys in the
+    order of the floats (``keys`` ``[>= end]`` uint32; ``logits`` ``[G, >= offset + end]``)."""
+    G = logits.shape[0]
+    ranked = keys[begin:end].view(np.float32)
+    row = logits[0, offset + begin : offset + end]
+    for i in range(end - begin):
+        ranked[i] = row[i] - lse[0]
+    for g in range(1, G):
+        row = logits[g, offset + begin : offset + end]
+        for i in range(end - begin):
+            ranked[i] = fmax(ranked[i], row[i] - lse[g])
+    # float -> uint32 keys in the same order: flip all bits of negatives, the sign bit of the rest
+    bits = keys[begin:end]
+    for i in range(end - begin):
+        key = bits[i]
+        bits[i] = key ^ ((np.uint32(0) - (key >> np.uint32(31))) | np.uint32(0x80000000))
+
+
+@numba.njit(nogil=True, cache=True, error_model="numpy")
+def select_from_keys(keys, L, sinks, window, out):
+    """``out`` ``[n]`` int64: the sinks, the window, then the positions of the top ``n - sinks - window`` of the
+    ``L - sinks - window`` ranked ``keys`` (`rank_keys` of the tokens between sinks and window), in position order."""
+    m = out.shape[0] - sinks - window
+    for i in range(sinks):
+        out[i] = i
+    for i in range(window):
+        out[sinks + i] = L - window + i
+    chosen = out[sinks + window :]
+    _top_positions(keys[: L - sinks - window], m, chosen)
+    for i in range(m):
+        chosen[i] += sinks
 
 
 @numba.njit(fastmath=FASTMATH, nogil=True, cache=True, error_model="numpy")
@@ -167,34 +217,13 @@ def select_one(q, k, k_off, s_l, s_e, L, sinks, window, out, logits, lse, best):
     ``n - sinks - window`` tokens between them by ``max_g (logit_g - logsumexp_g)``, in position order.
 
     ``q`` ``[G, E]`` (scale folded in); keys flat from ``k_off`` with token / feature strides ``s_l`` / ``s_e``;
-    scratch: ``logits`` ``[G, >= L]``, ``lse`` ``[G]``, ``best`` ``[>= L]``.
+    scratch: ``logits`` ``[G, >= L]``, ``lse`` ``[G]``, ``best`` ``[>= L]`` uint32.
     """
-    G = q.shape[0]
-    n = out.shape[0]
-    inner = L - sinks - window  # tokens ranked
-    m = n - sinks - window  # tokens chosen among them
-    _logits_and_lse(q, k, k_off, s_l, s_e, L, logits, lse)
-    ranked = best[:inner]
-    row = logits[0, sinks : sinks + inner]
-    for i in range(inner):
-        ranked[i] = row[i] - lse[0]
-    for g in range(1, G):
-        row = logits[g, sinks : sinks + inner]
-        for i in range(inner):
-            ranked[i] = fmax(ranked[i], row[i] - lse[g])
-    # float -> uint32 keys in the same order: flip all bits of negatives, the sign bit of the rest
-    keys = ranked.view(np.uint32)
-    for i in range(inner):
-        key = keys[i]
-        keys[i] = key ^ ((np.uint32(0) - (key >> np.uint32(31))) | np.uint32(0x80000000))
-    for i in range(sinks):
-        out[i] = i
-    for i in range(window):
-        out[sinks + i] = L - window + i
-    chosen = out[sinks + window :]
-    _top_positions(keys, m, chosen)
-    for i in range(m):
-        chosen[i] += sinks
+    peaks, totals = np.empty((1, lse.shape[0]), np.float32), np.empty((1, lse.shape[0]), np.float32)
+    logits_and_partial_lse(q, k, k_off, s_l, s_e, 0, L, logits, peaks[0], totals[0])
+    merge_lse(peaks, totals, lse)
+    rank_keys(logits, lse, sinks, 0, L - sinks - window, best)
+    select_from_keys(best, L, sinks, window, out)
 
 
 @numba.njit(fastmath=FASTMATH, nogil=True, cache=True, error_model="numpy")
@@ -204,7 +233,7 @@ def _score_select_kernel(q, k, s_b, s_h, s_l, s_e, L, sinks, window, out):
     B, H, G, E = q.shape
     logits = np.empty((G, L), np.float32)
     lse = np.empty(G, np.float32)
-    best = np.empty(L, np.float32)
+    best = np.empty(L, np.uint32)
     for b in range(B):
         for h in range(H):
             select_one(q[b, h], k, b * s_b + h * s_h, s_l, s_e, L, sinks, window, out[b, h], logits, lse, best)

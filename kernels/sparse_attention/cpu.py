@@ -31,12 +31,17 @@ def _prefetch_row(flat, start, width):
 
 
 @numba.njit(fastmath=FASTMATH, nogil=True, cache=True, error_model="numpy")
-def attend_one(q, k, k_off, k_row, v, v_off, v_row, idx, keep, masked, scale, out, logits, bits, acc):
-    """Attention of one (b, h): ``q`` ``[G, D]``, rows ``idx`` ``[S]`` of the flat ``k``/``v`` (from ``k_off``/``v_off``,
-    row strides ``k_row``/``v_row``), ``keep`` ``[S]`` read when ``masked``; writes ``out`` ``[G, Dv]``.
-    Scratch: ``logits`` ``[G, >= S]``, ``bits`` ``[>= S]`` int32, ``acc`` ``[G, Dv]``."""
+def attend_partial(q, k, k_off, k_row, v, v_off, v_row, idx, keep, masked, scale, peak, total, acc, logits, bits):
+    """Unnormalised attention of one (b, h) over the rows ``idx`` ``[S]``: per query head ``g``, ``peak[g]`` the
+    largest logit, ``total[g]`` the sum of ``exp(logit - peak)`` and ``acc[g]`` ``[Dv]`` the values weighted by
+    those terms (the output is ``acc / total``; parts over disjoint rows merge with `merge_partials`).
+
+    ``q`` ``[G, D]``; rows ``idx`` of the flat ``k``/``v`` (from ``k_off``/``v_off``, row strides ``k_row``/``v_row``);
+    ``keep`` ``[S]`` read when ``masked`` (no slot kept: peak -inf, total and acc 0). Scratch: ``logits``
+    ``[G, >= S]``, ``bits`` ``[>= S]`` int32.
+    """
     G, D = q.shape
-    Dv, S = out.shape[1], idx.shape[0]
+    Dv, S = acc.shape[1], idx.shape[0]
     kept = 0
     for s in range(min(PREFETCH_ROWS, S)):
         _prefetch_row(k, k_off + idx[s] * k_row, D)
@@ -57,35 +62,69 @@ def attend_one(q, k, k_off, k_row, v, v_off, v_row, idx, keep, masked, scale, ou
                 dot += q[g, d] * row[d]
             logits[g, s] = dot * scale
     acc[:] = 0.0
-    if kept > 0:
-        for g in range(G):
-            probs = logits[g, :S]
-            peak = np.float32(-np.inf)
-            for s in range(S):
-                peak = fmax(peak, probs[s])
-            for s in range(S):
-                probs[s] = fmax(probs[s] - peak, np.float32(-100.0))  # masked slots: about 0, zeroed below
-            exp_inplace(probs, bits[:S])
-            if masked:
-                for s in range(S):
-                    if not keep[s]:
-                        probs[s] = 0.0
-            total = np.float32(0.0)
-            for s in range(S):
-                total += probs[s]
-            for s in range(S):
-                probs[s] /= total
-        for s in range(S):
-            if masked and not keep[s]:
-                continue
-            row = v[v_off + idx[s] * v_row :][:Dv]
-            for g in range(G):
-                w = logits[g, s]
-                for d in range(Dv):
-                    acc[g, d] += w * row[d]
+    peak[:] = -np.inf
+    total[:] = 0.0
+    if kept == 0:
+        return
     for g in range(G):
-        for d in range(Dv):
-            out[g, d] = acc[g, d]
+        probs = logits[g, :S]
+        m = np.float32(-np.inf)
+        for s in range(S):
+            m = fmax(m, probs[s])
+        for s in range(S):
+            probs[s] = fmax(probs[s] - m, np.float32(-100.0))  # masked slots: about 0, zeroed below
+        exp_inplace(probs, bits[:S])
+        if masked:
+            for s in range(S):
+                if not keep[s]:
+                    probs[s] = 0.0
+        t = np.float32(0.0)
+        for s in range(S):
+            t += probs[s]
+        peak[g], total[g] = m, t
+    for s in range(S):
+        if masked and not keep[s]:
+            continue
+        row = v[v_off + idx[s] * v_row :][:Dv]
+        for g in range(G):
+            w = logits[g, s]
+            for d in range(Dv):
+                acc[g, d] += w * row[d]
+
+
+@numba.njit(fastmath=FASTMATH, nogil=True, cache=True, error_model="numpy")
+def merge_partials(peaks, totals, accs, out):
+    """``out`` ``[G, Dv]``: the attention output from the `attend_partial` parts ``peaks``/``totals`` ``[C, G]``,
+    ``accs`` ``[C, G, Dv]`` over disjoint rows (flash-decoding's merge); zeros where no part kept a row."""
+    C, G = peaks.shape
+    Dv = out.shape[1]
+    for g in range(G):
+        m = np.float32(-np.inf)
+        for c in range(C):
+            m = fmax(m, peaks[c, g])
+        out[g, :] = 0.0
+        t = np.float32(0.0)
+        for c in range(C):
+            if totals[c, g] > 0:
+                w = np.exp(peaks[c, g] - m)
+                t += totals[c, g] * w
+                for d in range(Dv):
+                    out[g, d] += w * accs[c, g, d]
+        if t > 0:
+            for d in range(Dv):
+                out[g, d] /= t
+
+
+@numba.njit(fastmath=FASTMATH, nogil=True, cache=True, error_model="numpy")
+def attend_one(q, k, k_off, k_row, v, v_off, v_row, idx, keep, masked, scale, out, logits, bits, acc):
+    """Attention of one (b, h): ``q`` ``[G, D]``, rows ``idx`` ``[S]`` of the flat ``k``/``v`` (from ``k_off``/``v_off``,
+    row strides ``k_row``/``v_row``), ``keep`` ``[S]`` read when ``masked``; writes ``out`` ``[G, Dv]`` (zeros where
+    nothing is kept). Scratch: ``logits`` ``[G, >= S]``, ``bits`` ``[>= S]`` int32, ``acc`` ``[1, G, Dv]``."""
+    G = q.shape[0]
+    peaks, totals = np.empty((1, G), np.float32), np.empty((1, G), np.float32)
+    attend_partial(q, k, k_off, k_row, v, v_off, v_row, idx, keep, masked, scale, peaks[0], totals[0], acc[0],
+                   logits, bits)
+    merge_partials(peaks, totals, acc, out)
 
 
 @numba.njit(fastmath=FASTMATH, nogil=True, cache=True, error_model="numpy")
@@ -96,7 +135,7 @@ def _attend_kernel(q, k, k_b, k_h, k_row, v, v_b, v_h, v_row, idx, keep, masked,
     Dv, S = out.shape[3], idx.shape[2]
     logits = np.empty((G, S), np.float32)
     bits = np.empty(S, np.int32)
-    acc = np.empty((G, Dv), np.float32)
+    acc = np.empty((1, G, Dv), np.float32)
     for b in range(B):
         for h in range(H):
             attend_one(q[b, h], k, b * k_b + h * k_h, k_row, v, b * v_b + h * v_h, v_row, idx[b, h],

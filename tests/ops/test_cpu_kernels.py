@@ -127,17 +127,9 @@ def test_cpu_decode_attention_matches_reference(B, H, G, L, spare, frac, D, mask
     torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
 
 
-@settings(max_examples=15)
-@given(B=st.integers(1, 2), H=st.integers(1, 3), G=st.sampled_from([1, 2, 3, 4]), L=st.integers(24, 900),
-       E=st.sampled_from([8, 16]), D=st.sampled_from([16, 64]), frac=st.floats(0.0, 1.0), spare=st.integers(0, 9),
-       strided=st.booleans(), seed=st.integers(0, 2**31 - 1))
-def test_fused_decode_step_matches_the_separate_references(B, H, G, L, E, D, frac, spare, strided, seed):
-    """score + select + attend in one call == sparse_attention_naive over the reference selection; the queries
-    may be strided views (as the model and the producers hand them over)."""
-    from butler_cache.kernels.decode_step_cpu import butler_decode_cpu
-
-    sinks, window = 4, 8
-    n = sinks + window + int(frac * (L - 1 - sinks - window))
+def _fused_step_case(B, H, G, L, E, D, n, spare, strided, seed, sinks=4, window=8):
+    """Random inputs of one fused decode step and the reference output: sparse_attention_naive (float64) over the
+    reference selection; None when a near-tie at the cut could fall either way."""
     gen = torch.Generator().manual_seed(seed)
     if strided:  # [B, 1, HQ, 2X] memory seen as [B, HQ, 1, X]
         qi = torch.randn(B, 1, H * G, 2 * E, generator=gen)[..., :E].transpose(1, 2)
@@ -151,13 +143,67 @@ def test_fused_decode_step_matches_the_separate_references(B, H, G, L, E, D, fra
     scores = score_reference(qi, ik, E**-0.5)
     middle = scores[..., sinks : L - window].sort(-1, descending=True).values
     m = n - sinks - window
-    if 0 < m < middle.shape[-1]:  # a near-tie at the cut may fall either way: compare only clear cuts
-        assume((middle[..., m - 1] - middle[..., m]).min() > 1e-4)
+    if 0 < m < middle.shape[-1] and (middle[..., m - 1] - middle[..., m]).min() <= 1e-4:
+        return None
     selection = select_decode_tokens(scores, TokenBudget(n, None, sinks, window))
     ref = sparse_attention_naive(q.double(), k.double(), v.double(), selection.indices, selection.keep, D**-0.5)
-    got = butler_decode_cpu(qi, ik, E**-0.5, q, k, v, D**-0.5, sinks, window, n)
+    return (qi, ik, E**-0.5, q, k, v, D**-0.5, sinks, window, n), ref
+
+
+@settings(max_examples=25)
+@given(B=st.integers(1, 2), H=st.integers(1, 3), G=st.sampled_from([1, 2, 3, 4]), L=st.integers(24, 900),
+       E=st.sampled_from([8, 16]), D=st.sampled_from([16, 64]), frac=st.floats(0.0, 1.0), spare=st.integers(0, 9),
+       strided=st.booleans(), splits=st.tuples(st.integers(1, 8), st.integers(1, 16)), seed=st.integers(0, 2**31 - 1))
+def test_fused_decode_step_matches_the_separate_references(B, H, G, L, E, D, frac, spare, strided, splits, seed):
+    """score + select + attend in one call == sparse_attention_naive over the reference selection, however each
+    (b, h) is split into parts (empty parts included); the queries may be strided views (as the model and the
+    producers hand them over)."""
+    from butler_cache.kernels.decode_step_cpu import butler_decode_cpu
+
+    n = 12 + int(frac * (L - 13))
+    case = _fused_step_case(B, H, G, L, E, D, n, spare, strided, seed)
+    assume(case is not None)
+    args, ref = case
+    got = butler_decode_cpu(*args, splits=splits)
     assert got.shape == (B, 1, H * G, D)
     torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("B, H", [(1, 1), (1, 3), (2, 2)])
+def test_fused_decode_step_with_the_default_splits(B, H):
+    """At a context long enough for several parts per (b, h) on this machine's threads (`default_splits`)."""
+    from butler_cache.kernels.decode_step_cpu import butler_decode_cpu
+
+    L, n = 4100, 300
+    for seed in range(5):
+        case = _fused_step_case(B, H, 3, L, 16, 64, n, 7, False, seed)
+        if case is not None:
+            break
+    args, ref = case
+    torch.testing.assert_close(butler_decode_cpu(*args).double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@given(pairs=st.integers(1, 64), L=st.integers(1, 200_000), frac=st.floats(0.0, 1.0), threads=st.integers(1, 128))
+def test_default_splits_keep_every_thread_busy_within_the_minimum_part_sizes(pairs, L, frac, threads):
+    from butler_cache.kernels.decode_step_cpu import MIN_ATTENDED_PER_PART, MIN_SCORED_PER_PART, default_splits
+
+    n = int(frac * (L - 1))
+    for parts, size, minimum in zip(default_splits(pairs, L, n, threads), (L, n), (MIN_SCORED_PER_PART, MIN_ATTENDED_PER_PART),
+                                    strict=True):
+        assert parts >= 1
+        assert parts == 1 or size // parts >= minimum  # no part below the minimum size
+        if threads > 1 and size // minimum >= 2 * threads:  # room for all: at least two tasks per thread
+            assert pairs * parts >= 2 * threads
+        if threads == 1:
+            assert parts == 1
+
+
+def test_fused_decode_step_refuses_empty_splits():
+    from butler_cache.kernels.decode_step_cpu import butler_decode_cpu
+
+    args, _ = _fused_step_case(1, 1, 2, 64, 8, 16, 20, 0, False, 0)
+    with pytest.raises(ValueError, match="splits"):
+        butler_decode_cpu(*args, splits=(0, 1))
 
 
 @pytest.mark.parametrize(
