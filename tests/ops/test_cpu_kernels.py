@@ -185,7 +185,11 @@ def test_fused_decode_step_with_the_default_splits(B, H):
 
 @given(pairs=st.integers(1, 64), L=st.integers(1, 200_000), frac=st.floats(0.0, 1.0), threads=st.integers(1, 128))
 def test_default_splits_keep_every_thread_busy_within_the_minimum_part_sizes(pairs, L, frac, threads):
-    from butler_cache.kernels.decode_step_cpu import MIN_ATTENDED_PER_PART, MIN_SCORED_PER_PART, default_splits
+    from butler_cache.kernels.decode_step_cpu import (
+        MIN_ATTENDED_PER_PART,
+        MIN_SCORED_PER_PART,
+        default_splits,
+    )
 
     n = int(frac * (L - 1))
     for parts, size, minimum in zip(default_splits(pairs, L, n, threads), (L, n), (MIN_SCORED_PER_PART, MIN_ATTENDED_PER_PART),
