@@ -9,8 +9,10 @@ attention; float32 CPU tensors; ``pip install butler-cache[cpu]``; compiled on f
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
+from types import ModuleType
 
 import torch
 
@@ -82,6 +84,18 @@ def sparse_attention(
     return sparse_attention_naive(query, key, value, indices, keep, scale)
 
 
+_NUMBA_MODULES: dict[str, ModuleType] = {}
+
+
+def numba_module(name: str) -> ModuleType:
+    """The numba kernel module ``butler_cache.kernels.<name>``, imported on first use (numba is optional). The
+    per-layer paths call this instead of an import statement, which costs microseconds at every step."""
+    module = _NUMBA_MODULES.get(name)
+    if module is None:
+        module = _NUMBA_MODULES[name] = importlib.import_module(f"{__name__}.{name}")
+    return module
+
+
 def numba_serves(*tensors: torch.Tensor) -> bool:
     """Whether the numba CPU kernels take these tensors: float32, on the CPU, rows contiguous."""
     return NUMBA_AVAILABLE and all(
@@ -90,6 +104,6 @@ def numba_serves(*tensors: torch.Tensor) -> bool:
 
 
 __all__ = [
-    "BACKENDS", "NUMBA_AVAILABLE", "TRITON_AVAILABLE", "check_backend", "numba_serves", "resolve_backend",
+    "BACKENDS", "NUMBA_AVAILABLE", "TRITON_AVAILABLE", "check_backend", "numba_module", "numba_serves", "resolve_backend",
     "sparse_attention", "sparse_attention_naive", "sparse_decode_attention_torch",
 ]

@@ -96,6 +96,17 @@ def _decoder_layer_input_hook(layer_idx: int, module: torch.nn.Module, args: tup
         capture.record_layer_input(layer_idx, inputs)
 
 
+_TRUE: dict[torch.device, torch.Tensor] = {}
+
+
+def _true_scalar(device: torch.device) -> torch.Tensor:
+    """A 0-d ``True`` on ``device``, made once (expanded, read-only, into the all-valid mask of a decode step)."""
+    true = _TRUE.get(device)
+    if true is None:
+        true = _TRUE[device] = torch.ones((), dtype=torch.bool, device=device)
+    return true
+
+
 def _take_active_layer(module: torch.nn.Module, key: torch.Tensor) -> ButlerLayer | None:
     layer = ACTIVE_LAYER.get()
     if layer is None:
@@ -142,7 +153,7 @@ def butler_attention_forward(
     # no mask at a decode step: no padding, every cached key is valid (transformers skips the mask then)
     unpadded_decode = q_len == 1 and attention_mask is None
     if unpadded_decode:  # what key_validity returns here, without building it
-        valid = torch.ones((), dtype=torch.bool, device=key.device).expand(1, 1, 1, kv_len)
+        valid = _true_scalar(key.device).expand(1, 1, 1, kv_len)
     else:
         valid = key_validity(attention_mask, q_len, kv_len, key.device)  # [B|1, 1, T, L]
     inputs = ScoringInputs(query=query, key=key, valid=valid, scaling=scale, layer=layer, all_valid=unpadded_decode)

@@ -22,7 +22,7 @@ from transformers.cache_utils import DynamicLayer
 from .architecture import BaseModelShape, check_supported
 from .budget import TokenBudget
 from .growth import GrowingLayer
-from .kernels import check_backend, resolve_backend
+from .kernels import check_backend, numba_module, resolve_backend
 from .policies import SelectionPolicy, make_policy
 from .predictor import ButlerPredictor, LayerInput
 
@@ -160,8 +160,7 @@ class ButlerLayer(GrowingLayer):
             or min(self.spare_rows(name) for name in ("keys", "values", "importance_keys")) < T
         ):
             return False
-        from .kernels.cache_update_cpu import append_and_project_cpu
-
+        append_and_project_cpu = numba_module("cache_update_cpu").append_and_project_cpu
         append_and_project_cpu(key_states, value_states, weight, self.flat_storage("keys"), self.flat_storage("values"),
                                self.flat_storage("importance_keys"), L)
         for name in ("keys", "values", "importance_keys"):

@@ -80,6 +80,9 @@ class GrowingLayer(DynamicLayer):
         # storages that the tensors of the same name are prefix views of
         self._storage: dict[str, torch.Tensor | None] = {"keys": None, "values": None}
         self._flat_storage: dict[str, tuple] = {}  # `flat_view`s of CPU storages, made on demand (`flat_storage`)
+        # the prefix views this layer made last, by name: while the tensor of that name is still that very
+        # object, it is known to be a prefix view of its storage (`spare_rows` skips the layout check)
+        self._own_view: dict[str, torch.Tensor] = {}
 
     def _append(self, name: str, new: torch.Tensor, feature_major: bool = False) -> torch.Tensor:
         storage = self._storage[name]
@@ -87,12 +90,15 @@ class GrowingLayer(DynamicLayer):
         if self._storage[name] is not storage:
             self._flat_storage.pop(name, None)
         setattr(self, name, view)
+        self._own_view[name] = view
         return view
 
     def spare_rows(self, name: str) -> int:
         """Rows left in the storage past tensor ``name`` (0 when it is not a prefix view of its storage)."""
         current, storage = getattr(self, name), self._storage[name]
-        if storage is None or current is None or current.dim() != storage.dim() or not _is_prefix_view(current, storage):
+        if storage is None or current is None:
+            return 0
+        if current is not self._own_view.get(name) and (current.dim() != storage.dim() or not _is_prefix_view(current, storage)):
             return 0
         return storage.shape[-2] - current.shape[-2]
 
@@ -101,6 +107,7 @@ class GrowingLayer(DynamicLayer):
         current = getattr(self, name)
         view = self._storage[name].narrow(-2, 0, current.shape[-2] + rows)
         setattr(self, name, view)
+        self._own_view[name] = view
         return view
 
     def flat_storage(self, name: str) -> tuple:
@@ -112,6 +119,7 @@ class GrowingLayer(DynamicLayer):
     def _release_storage(self) -> None:
         self._storage = dict.fromkeys(self._storage)
         self._flat_storage = {}
+        self._own_view = {}
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any

@@ -52,7 +52,8 @@ class StridedPredictor(ButlerPredictor):
         self.key_projections = nn.Parameter(
             torch.empty(len(config.sparse_layers), shape.num_key_value_heads, shape.head_dim, config.importance_dim)
         )
-        self._producer_of_layer = {group[0]: i for i, group in enumerate(config.producer_groups)}
+        self._groups = config.producer_groups  # computed by the config at each access
+        self._producer_of_layer = {group[0]: i for i, group in enumerate(self._groups)}
         nn.init.normal_(self.key_projections, std=shape.head_dim**-0.5)
 
     @property
@@ -70,7 +71,7 @@ class StridedPredictor(ButlerPredictor):
         queries = self.producers[producer](inputs.hidden_states.to(self.key_projections.dtype))
         return {
             layer: Importance(q)
-            for layer, q in zip(self.config.producer_groups[producer], queries.unbind(0), strict=True)
+            for layer, q in zip(self._groups[producer], queries.unbind(0), strict=True)
         }
 
     def key_projection(self, layer_idx: int) -> torch.Tensor:

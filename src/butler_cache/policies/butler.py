@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..budget import TokenBudget
-from ..kernels import numba_serves, resolve_backend
+from ..kernels import numba_module, numba_serves, resolve_backend
 from ..selection import Selection
 from .base import ScoringInputs, SelectionPolicy, group_max_probabilities
 
@@ -46,10 +46,8 @@ class ButlerPolicy(SelectionPolicy):
         n = self._numba_budget(inputs, budget)
         if n is None or not numba_serves(inputs.query, inputs.key, value):
             return None
-        from ..kernels.decode_step_cpu import butler_decode_cpu
-
         layer = inputs.layer
-        return butler_decode_cpu(
+        return numba_module("decode_step_cpu").butler_decode_cpu(
             layer.importance_queries, layer.importance_keys, layer.predictor.config.score_scale,
             inputs.query, inputs.key, value, inputs.scaling, budget.sink_tokens, budget.local_window, n,
         )  # [B, 1, HQ, Dv]
