@@ -23,9 +23,15 @@ import numba
 import numpy as np
 import torch
 
-from .cpu_utils import check_row_budget, flat_rows, flat_view
+from .cpu_utils import check_row_budget, flat_rows
 from .numba_math import FASTMATH
-from .scoring.cpu import logits_and_partial_lse, merge_lse, rank_keys, select_from_keys
+from .scoring.cpu import (
+    importance_key_strides,
+    logits_and_partial_lse,
+    merge_lse,
+    rank_keys,
+    select_from_keys,
+)
 from .sparse_attention.cpu import attend_partial, merge_partials
 
 # a part of a (b, h) has at least this many tokens to score and rows to attend (set so that a part's work stays
@@ -57,12 +63,13 @@ def _workspace(pairs: int, groups: int, L: int) -> tuple[np.ndarray, np.ndarray]
 
 
 @numba.njit(fastmath=FASTMATH, nogil=True, cache=True, error_model="numpy", parallel=True)
-def _decode_step_kernel(qi, qi_scale, ik, ik_b, ik_h, ik_l, ik_e, q, k, k_b, k_h, k_row, v, v_b, v_h, v_row, L, sinks,
+def _decode_step_kernel(qi, qi_scale, ik, ik_b, ik_h, ik_l, ik_e, ik_g, q, k, k_b, k_h, k_row, v, v_b, v_h, v_row, L, sinks,
                         window, n, scale, score_parts, attend_parts, logits, keys, out):
     """``qi`` ``[B, HQ, 1, E]`` importance queries (any strides, scaled by ``qi_scale`` here); importance keys flat
-    with batch / head / token / feature strides; ``q`` ``[B, HQ, 1, D]`` (any strides); K/V flat with batch / head /
-    row strides; ``out`` ``[B, H, G, Dv]``; scratch ``logits`` ``[B * H, G, >= L]``, ``keys`` ``[B * H, >= L]``. Each (b, h) is scored in ``score_parts`` token ranges and attended in
-    ``attend_parts`` ranges of its selected rows, all ranges run as parallel tasks."""
+    with batch / KV-head / token / feature / query-head-of-the-group strides (``ik_g`` 0: shared by the group);
+    ``q`` ``[B, HQ, 1, D]`` (any strides); K/V flat with batch / head / row strides; ``out`` ``[B, H, G, Dv]``;
+    scratch ``logits`` ``[B * H, G, >= L]``, ``keys`` ``[B * H, >= L]``. Each (b, h) is scored in ``score_parts``
+    token ranges and attended in ``attend_parts`` ranges of its selected rows, all ranges run as parallel tasks."""
     B, H, G, Dv = out.shape
     E, D = qi.shape[3], q.shape[3]
     P = B * H
@@ -81,7 +88,7 @@ def _decode_step_kernel(qi, qi_scale, ik, ik_b, ik_h, ik_l, ik_e, q, k, k_b, k_h
         p, c = task // score_parts, task % score_parts
         b, h = p // H, p % H
         begin = min(L, c * span)
-        logits_and_partial_lse(qg[p], ik, b * ik_b + h * ik_h, ik_l, ik_e, begin, min(L, begin + span), logits[p],
+        logits_and_partial_lse(qg[p], ik, b * ik_b + h * ik_h, ik_l, ik_e, ik_g, begin, min(L, begin + span), logits[p],
                                peaks[p, c], totals[p, c])
     lse = np.empty((P, G), np.float32)
     for p in range(P):
@@ -124,7 +131,8 @@ def butler_decode_cpu(
 ) -> torch.Tensor:
     """Sparse attention output ``[B, 1, HQ, Dv]`` of one unpadded decode step (float32 CPU tensors).
 
-    ``importance_queries`` ``[B, HQ, 1, d']``, ``importance_keys`` ``[B, H, L, d']`` (any strides),
+    ``importance_queries`` ``[B, HQ, 1, d']``, ``importance_keys`` ``[B, H, L, d']`` or, per query head (the
+    attentive predictor's), ``[B, HQ, L, d']`` (any strides),
     ``query`` ``[B, HQ, 1, D]``, ``key``/``value`` ``[B, H, L, D|Dv]`` with contiguous rows; ``n`` the row
     budget, ``sinks + window <= n < L``. ``splits``: parts per (b, h) of the scoring and of the attention
     (`default_splits` for numba's thread count when None).
@@ -135,12 +143,17 @@ def butler_decode_cpu(
     if T != 1 or query.shape[2] != 1:
         raise ValueError(f"butler_decode_cpu serves one query row per sequence, got {T} and {query.shape[2]}")
     check_row_budget(n, sinks, window, L)
+    if importance_keys.shape[1] not in (H, HQ):
+        raise ValueError(
+            f"importance keys for {importance_keys.shape[1]} heads: expected {H} (KV heads) or {HQ} (query heads)"
+        )
     score_parts, attend_parts = splits or default_splits(B * H, L, n, numba.get_num_threads())
     if score_parts < 1 or attend_parts < 1:
         raise ValueError(f"splits={splits} must be two positive part counts")
     out = torch.empty(B, H, G, Dv)  # [B, 1, HQ, Dv] memory
     # strided views all the way down: the per-tensor preparation here is the whole Python cost of a layer's step
     _decode_step_kernel(importance_queries.to(torch.float32).numpy(), np.float32(importance_scale),
-                        *flat_view(importance_keys), query.numpy(), *flat_rows(key), *flat_rows(value), L, sinks, window,
-                        n, np.float32(scale), score_parts, attend_parts, *_workspace(B * H, G, L), out.numpy())
+                        *importance_key_strides(importance_keys, H), query.numpy(), *flat_rows(key), *flat_rows(value),
+                        L, sinks, window, n, np.float32(scale), score_parts, attend_parts, *_workspace(B * H, G, L),
+                        out.numpy())
     return out.view(B, 1, HQ, Dv)

@@ -105,14 +105,16 @@ _BLOCK = 1024  # tokens per block of the scoring loop (a block's d' feature slic
 
 
 @numba.njit(fastmath=FASTMATH, nogil=True, cache=True, error_model="numpy")
-def logits_and_partial_lse(q, k, k_off, s_l, s_e, begin, end, logits, peak, total):
-    """``logits[g, l] = q[g] . k[l]`` for the tokens ``begin <= l < end`` of one (b, h), and each head's log-sum-exp
-    over them as ``peak[g] + log(total[g])``, in one pass over those keys.
+def logits_and_partial_lse(q, k, k_off, s_l, s_e, s_g, begin, end, logits, peak, total):
+    """``logits[g, l] = q[g] . k_g[l]`` for the tokens ``begin <= l < end`` of one (b, h), and each head's
+    log-sum-exp over them as ``peak[g] + log(total[g])``, in one pass over those keys.
 
     ``q`` ``[G, E]`` (scale folded in), ``k`` flat with the (b, h) block at ``k_off``, token stride ``s_l``,
-    feature stride ``s_e``; ``logits`` ``[G, >= end]``; ``peak``, ``total`` ``[G]`` are written. Per block of
-    tokens: each feature's slice read once into the ``G`` logits rows (vectorised over the tokens), then each row
-    folded into its head's running log-sum-exp while still in L1.
+    feature stride ``s_e``, and query head ``g``'s keys ``s_g`` further on (0: the ``G`` heads share the keys;
+    the head stride: keys per query head, as the attentive predictor makes them); ``logits`` ``[G, >= end]``;
+    ``peak``, ``total`` ``[G]`` are written. Per block of tokens: four feature slices at a time into each logits
+    row (vectorised over the tokens; shared slices are read again from L1), then each row folded into its
+    head's running log-sum-exp while still in L1.
     """
     G, E = q.shape
     work = np.empty(_BLOCK, np.float32)
@@ -129,11 +131,12 @@ def logits_and_partial_lse(q, k, k_off, s_l, s_e, begin, end, logits, peak, tota
         done = 0  # features accumulated so far
         if s_l == 1:  # feature-major keys: the tokens of one feature are contiguous; four features per pass
             for e in range(0, E - 3, 4):
-                f0 = k[start + e * s_e : start + e * s_e + nb]
-                f1 = k[start + (e + 1) * s_e : start + (e + 1) * s_e + nb]
-                f2 = k[start + (e + 2) * s_e : start + (e + 2) * s_e + nb]
-                f3 = k[start + (e + 3) * s_e : start + (e + 3) * s_e + nb]
                 for g in range(G):
+                    at = start + g * s_g + e * s_e
+                    f0 = k[at : at + nb]
+                    f1 = k[at + s_e : at + s_e + nb]
+                    f2 = k[at + 2 * s_e : at + 2 * s_e + nb]
+                    f3 = k[at + 3 * s_e : at + 3 * s_e + nb]
                     q0, q1, q2, q3 = q[g, e], q[g, e + 1], q[g, e + 2], q[g, e + 3]
                     row = logits[g, l0 : l0 + nb]
                     for j in range(nb):
@@ -143,8 +146,9 @@ def logits_and_partial_lse(q, k, k_off, s_l, s_e, begin, end, logits, peak, tota
             for g in range(G):
                 qe = q[g, e]
                 row = logits[g, l0 : l0 + nb]
+                at = start + g * s_g + e * s_e
                 for j in range(nb):
-                    row[j] += qe * k[start + e * s_e + j * s_l]
+                    row[j] += qe * k[at + j * s_l]
         for g in range(G):  # online log-sum-exp over the blocks
             row = logits[g, l0 : l0 + nb]
             m = peak[g]
@@ -212,50 +216,66 @@ def select_from_keys(keys, L, sinks, window, out):
 
 
 @numba.njit(fastmath=FASTMATH, nogil=True, cache=True, error_model="numpy")
-def select_one(q, k, k_off, s_l, s_e, L, sinks, window, out, logits, lse, best):
+def select_one(q, k, k_off, s_l, s_e, s_g, L, sinks, window, out, logits, lse, best):
     """The selection of one (b, h): ``out`` ``[n]`` int64 gets the sinks, the window, then the top
     ``n - sinks - window`` tokens between them by ``max_g (logit_g - logsumexp_g)``, in position order.
 
-    ``q`` ``[G, E]`` (scale folded in); keys flat from ``k_off`` with token / feature strides ``s_l`` / ``s_e``;
-    scratch: ``logits`` ``[G, >= L]``, ``lse`` ``[G]``, ``best`` ``[>= L]`` uint32.
+    ``q`` ``[G, E]`` (scale folded in); keys flat from ``k_off`` with token / feature / query-head strides ``s_l`` /
+    ``s_e`` / ``s_g`` (see `logits_and_partial_lse`); scratch: ``logits`` ``[G, >= L]``, ``lse`` ``[G]``, ``best`` ``[>= L]`` uint32.
     """
     peaks, totals = np.empty((1, lse.shape[0]), np.float32), np.empty((1, lse.shape[0]), np.float32)
-    logits_and_partial_lse(q, k, k_off, s_l, s_e, 0, L, logits, peaks[0], totals[0])
+    logits_and_partial_lse(q, k, k_off, s_l, s_e, s_g, 0, L, logits, peaks[0], totals[0])
     merge_lse(peaks, totals, lse)
     rank_keys(logits, lse, sinks, 0, L - sinks - window, best)
     select_from_keys(best, L, sinks, window, out)
 
 
 @numba.njit(fastmath=FASTMATH, nogil=True, cache=True, error_model="numpy")
-def _score_select_kernel(q, k, s_b, s_h, s_l, s_e, L, sinks, window, out):
-    """`select_one` for every (b, h): ``q`` ``[B, H, G, E]``, keys flat with strides ``s_b, s_h, s_l, s_e``,
-    ``out`` ``[B, H, n]``."""
+def _score_select_kernel(q, k, s_b, s_h, s_l, s_e, s_g, L, sinks, window, out):
+    """`select_one` for every (b, h): ``q`` ``[B, H, G, E]``, keys flat with strides ``s_b, s_h, s_l, s_e`` per KV
+    head and ``s_g`` per query head of a group, ``out`` ``[B, H, n]``."""
     B, H, G, E = q.shape
     logits = np.empty((G, L), np.float32)
     lse = np.empty(G, np.float32)
     best = np.empty(L, np.uint32)
     for b in range(B):
         for h in range(H):
-            select_one(q[b, h], k, b * s_b + h * s_h, s_l, s_e, L, sinks, window, out[b, h], logits, lse, best)
+            select_one(q[b, h], k, b * s_b + h * s_h, s_l, s_e, s_g, L, sinks, window, out[b, h], logits, lse, best)
+
+
+def importance_key_strides(keys: torch.Tensor, kv_heads: int) -> tuple[np.ndarray, int, int, int, int, int]:
+    """``keys`` ``[B, H_k, L, d']`` as ``(flat, s_b, s_h, s_l, s_e, s_g)``: strides per KV head ``s_h`` and per query
+    head of a group ``s_g``, for keys per KV head (``H_k == kv_heads``, ``s_g = 0``) or per query head (``H_k`` a
+    multiple of ``kv_heads``: the attentive predictor's)."""
+    flat, s_b, s_k, s_l, s_e = flat_view(keys)
+    H_k = keys.shape[1]
+    if H_k % kv_heads:
+        raise ValueError(f"importance keys for {H_k} heads cannot serve {kv_heads} KV heads (need a multiple)")
+    group = H_k // kv_heads
+    return flat, s_b, s_k * group, s_l, s_e, s_k if group > 1 else 0
 
 
 def score_select_decode_cpu(
-    queries: torch.Tensor, keys: torch.Tensor, scale: float, sinks: int, window: int, n: int
+    queries: torch.Tensor, keys: torch.Tensor, scale: float, sinks: int, window: int, n: int, kv_heads: int | None = None
 ) -> torch.Tensor:
     """Selected positions ``[B, H, 1, n]`` (int64) of one decode step with every cached key valid.
 
-    ``queries``: ``[B, HQ, 1, d']`` importance queries; ``keys``: ``[B, H, L, d']`` importance keys (float32,
-    CPU); the row budget ``n`` must satisfy ``sinks + window <= n < L``. Same selection as
-    ``select_decode_tokens(score_reference(queries, keys, scale), budget)`` up to ties.
+    ``queries``: ``[B, HQ, 1, d']`` importance queries; ``keys``: ``[B, H_k, L, d']`` importance keys (float32,
+    CPU), per KV head (``H_k = H``) or per query head (``H_k = HQ``, with ``kv_heads=H``); the row budget ``n``
+    must satisfy ``sinks + window <= n < L``. Same selection as ``select_decode_tokens(score_reference(queries,
+    keys, scale), budget)`` (its group max taken over each KV head's query heads) up to ties.
     """
     B, HQ, T, E = queries.shape
-    H, L = keys.shape[1], keys.shape[2]
+    H = keys.shape[1] if kv_heads is None else kv_heads
+    L = keys.shape[2]
     if T != 1:
         raise ValueError(f"score_select_decode_cpu serves one query row per sequence, got {T}")
     check_row_budget(n, sinks, window, L)
-    q = (queries.reshape(B, H, HQ // H, E).to(torch.float32) * scale).contiguous()  # [B, H, G, d']
     if keys.dtype != torch.float32 or keys.device.type != "cpu":
         raise ValueError(f"score_select_decode_cpu takes float32 CPU keys, got {keys.dtype} on {keys.device}")
+    if keys.shape[1] not in (H, HQ):
+        raise ValueError(f"importance keys for {keys.shape[1]} heads: expected {H} (KV heads) or {HQ} (query heads)")
+    q = (queries.reshape(B, H, HQ // H, E).to(torch.float32) * scale).contiguous()  # [B, H, G, d']
     out = torch.empty(B, H, n, dtype=torch.int64)
-    _score_select_kernel(q.numpy(), *flat_view(keys), L, sinks, window, out.numpy())
+    _score_select_kernel(q.numpy(), *importance_key_strides(keys, H), L, sinks, window, out.numpy())
     return out[:, :, None]

@@ -28,11 +28,22 @@ def _keys(B, H, L, E, spare, feature_major, gen):
     return torch.randn(B, H, L + spare, E, generator=gen)[:, :, :L]
 
 
+def _group_scores(q, k, scale, kv_heads):
+    """`score_reference` for importance keys per KV head, or per query head (the attentive predictor's: each query
+    head ranked by its own keys, then the max over each KV head's group) -> ``[B, H, 1, L]``."""
+    scores = score_reference(q, k, scale)  # [B, H_k, 1, L]
+    B, H_k, _, L = scores.shape
+    return scores.view(B, kv_heads, H_k // kv_heads, 1, L).amax(2)
+
+
 @settings(max_examples=20)
 @given(B=st.integers(1, 2), H=st.integers(1, 3), G=st.sampled_from([1, 2, 3, 8]), L=st.integers(2, 1500),
        E=st.sampled_from([4, 6, 16, 32]), sinks=st.integers(0, 4), window=st.integers(1, 16), frac=st.floats(0.0, 1.0),
-       spare=st.integers(0, 9), feature_major=st.booleans(), seed=st.integers(0, 2**31 - 1))
-def test_fused_scoring_selects_the_reference_top_k(B, H, G, L, E, sinks, window, frac, spare, feature_major, seed):
+       spare=st.integers(0, 9), feature_major=st.booleans(), per_query_head=st.booleans(),
+       seed=st.integers(0, 2**31 - 1))
+def test_fused_scoring_selects_the_reference_top_k(B, H, G, L, E, sinks, window, frac, spare, feature_major,
+                                                   per_query_head, seed):
+    """Against the reference, importance keys per KV head or per query head (grouped by max)."""
     from butler_cache.kernels.scoring.cpu import score_select_decode_cpu
 
     forced = sinks + window
@@ -41,10 +52,10 @@ def test_fused_scoring_selects_the_reference_top_k(B, H, G, L, E, sinks, window,
     n = forced + int(frac * (L - 1 - forced))  # forced <= n < L
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(B, H * G, 1, E, generator=gen)
-    k = _keys(B, H, L, E, spare, feature_major, gen)
-    got = score_select_decode_cpu(q, k, E**-0.5, sinks, window, n)  # [B, H, 1, n]
+    k = _keys(B, H * G if per_query_head else H, L, E, spare, feature_major, gen)
+    got = score_select_decode_cpu(q, k, E**-0.5, sinks, window, n, kv_heads=H)  # [B, H, 1, n]
     assert got.shape == (B, H, 1, n)
-    scores = score_reference(q, k, E**-0.5)  # [B, H, 1, L]
+    scores = _group_scores(q, k, E**-0.5, H)  # [B, H, 1, L]
     ref = select_decode_tokens(scores, TokenBudget(n, None, sinks, window))
     for b in range(B):
         for h in range(H):
@@ -127,9 +138,10 @@ def test_cpu_decode_attention_matches_reference(B, H, G, L, spare, frac, D, mask
     torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
 
 
-def _fused_step_case(B, H, G, L, E, D, n, spare, strided, seed, sinks=4, window=8):
+def _fused_step_case(B, H, G, L, E, D, n, spare, strided, seed, sinks=4, window=8, per_query_head=False):
     """Random inputs of one fused decode step and the reference output: sparse_attention_naive (float64) over the
-    reference selection; None when a near-tie at the cut could fall either way."""
+    reference selection; None when a near-tie at the cut could fall either way. ``per_query_head``: importance
+    keys per query head (the attentive predictor's)."""
     gen = torch.Generator().manual_seed(seed)
     if strided:  # [B, 1, HQ, 2X] memory seen as [B, HQ, 1, X]
         qi = torch.randn(B, 1, H * G, 2 * E, generator=gen)[..., :E].transpose(1, 2)
@@ -137,10 +149,10 @@ def _fused_step_case(B, H, G, L, E, D, n, spare, strided, seed, sinks=4, window=
     else:
         qi = torch.randn(B, H * G, 1, E, generator=gen)
         q = torch.randn(B, H * G, 1, D, generator=gen)
-    ik = _keys(B, H, L, E, spare, True, gen)
+    ik = _keys(B, H * G if per_query_head else H, L, E, spare, True, gen)
     k = torch.randn(B, H, L + spare, D, generator=gen)[:, :, :L]
     v = torch.randn(B, H, L + spare, D, generator=gen)[:, :, :L]
-    scores = score_reference(qi, ik, E**-0.5)
+    scores = _group_scores(qi, ik, E**-0.5, H)
     middle = scores[..., sinks : L - window].sort(-1, descending=True).values
     m = n - sinks - window
     if 0 < m < middle.shape[-1] and (middle[..., m - 1] - middle[..., m]).min() <= 1e-4:
@@ -153,15 +165,17 @@ def _fused_step_case(B, H, G, L, E, D, n, spare, strided, seed, sinks=4, window=
 @settings(max_examples=25)
 @given(B=st.integers(1, 2), H=st.integers(1, 3), G=st.sampled_from([1, 2, 3, 4]), L=st.integers(24, 900),
        E=st.sampled_from([8, 16]), D=st.sampled_from([16, 64]), frac=st.floats(0.0, 1.0), spare=st.integers(0, 9),
-       strided=st.booleans(), splits=st.tuples(st.integers(1, 8), st.integers(1, 16)), seed=st.integers(0, 2**31 - 1))
-def test_fused_decode_step_matches_the_separate_references(B, H, G, L, E, D, frac, spare, strided, splits, seed):
+       strided=st.booleans(), splits=st.tuples(st.integers(1, 8), st.integers(1, 16)), per_query_head=st.booleans(),
+       seed=st.integers(0, 2**31 - 1))
+def test_fused_decode_step_matches_the_separate_references(B, H, G, L, E, D, frac, spare, strided, splits,
+                                                           per_query_head, seed):
     """score + select + attend in one call == sparse_attention_naive over the reference selection, however each
     (b, h) is split into parts (empty parts included); the queries may be strided views (as the model and the
     producers hand them over)."""
     from butler_cache.kernels.decode_step_cpu import butler_decode_cpu
 
     n = 12 + int(frac * (L - 13))
-    case = _fused_step_case(B, H, G, L, E, D, n, spare, strided, seed)
+    case = _fused_step_case(B, H, G, L, E, D, n, spare, strided, seed, per_query_head=per_query_head)
     assume(case is not None)
     args, ref = case
     got = butler_decode_cpu(*args, splits=splits)
@@ -216,14 +230,16 @@ def test_fused_decode_step_refuses_empty_splits():
         (dict(), {"decode_step_cpu.butler_decode_cpu"}),
         (dict(record_stats=True), {"scoring.cpu.score_select_decode_cpu", "sparse_attention.cpu.sparse_decode_attention_cpu"}),
         (dict(policy="oracle"), {"sparse_attention.cpu.sparse_decode_attention_cpu"}),
-        (dict(predictor_type="attentive"), {"sparse_attention.cpu.sparse_decode_attention_cpu"}),
+        (dict(predictor_type="attentive"), {"decode_step_cpu.butler_decode_cpu"}),
+        (dict(predictor_type="attentive", record_stats=True),
+         {"scoring.cpu.score_select_decode_cpu", "sparse_attention.cpu.sparse_decode_attention_cpu"}),
     ],
-    ids=["fused", "separate-kernels", "oracle", "attentive-predictor"],
+    ids=["fused", "separate-kernels", "oracle", "attentive-predictor", "attentive-separate-kernels"],
 )
 def test_numba_paths_through_generate_equal_torch(kwargs, kernels, monkeypatch):
     """The fused step (default), the separate scoring and attention kernels (stats recorded), and the attention
-    kernel alone (oracle policy; the attentive predictor, whose importance keys are per query head, which the
-    scoring kernels do not group) all generate what the PyTorch paths generate."""
+    kernel alone (oracle policy), with the strided predictor's importance keys (per KV head) and the attentive
+    one's (per query head), all generate what the PyTorch paths generate."""
     kwargs = dict(kwargs)
     predictor_type = kwargs.pop("predictor_type", "strided")
     called = set()
@@ -231,7 +247,7 @@ def test_numba_paths_through_generate_equal_torch(kwargs, kernels, monkeypatch):
         module_name, fn_name = name.rsplit(".", 1)
         module = importlib.import_module(f"butler_cache.kernels.{module_name}")
         fn = getattr(module, fn_name)
-        monkeypatch.setattr(module, fn_name, lambda *a, _fn=fn, _name=name: called.add(_name) or _fn(*a))
+        monkeypatch.setattr(module, fn_name, lambda *a, _fn=fn, _name=name, **kw: called.add(_name) or _fn(*a, **kw))
     model = tiny_model("qwen2", seed=5, num_attention_heads=6, num_key_value_heads=2)
     torch.manual_seed(0)
     predictor = ButlerPredictor(ButlerConfig.for_model(model, predictor_type=predictor_type))

@@ -36,7 +36,8 @@ class ButlerPolicy(SelectionPolicy):
             or keys is None
             or keys.shape[2] != L
             or keys.dtype != torch.float32
-            or keys.shape[1] != inputs.num_key_value_heads  # the kernels group by importance-key head
+            # importance keys per KV head (strided predictor) or per query head (attentive)
+            or keys.shape[1] not in (inputs.num_key_value_heads, queries.shape[1])
         ):
             return None
         return n
@@ -61,7 +62,8 @@ class ButlerPolicy(SelectionPolicy):
 
         layer = inputs.layer
         indices = score_select_decode_cpu(layer.importance_queries, layer.importance_keys,
-                                          layer.predictor.config.score_scale, budget.sink_tokens, budget.local_window, n)
+                                          layer.predictor.config.score_scale, budget.sink_tokens, budget.local_window, n,
+                                          kv_heads=inputs.num_key_value_heads)
         return Selection(indices, torch.ones_like(indices, dtype=torch.bool), all_kept=True)  # [B, H_kv, 1, n]
 
     def score(self, inputs: ScoringInputs) -> torch.Tensor:
