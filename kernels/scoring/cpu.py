@@ -6,9 +6,12 @@ from those scores: sinks, local window and the top-k of the tokens between them.
 compiled loop reads the importance keys once, in blocks of tokens, computing the ``G`` heads' logits
 and their running log-sum-exp (a vectorised exp); then the group max, and the top-k by an exact radix
 select on the float bits (no sort), run on the keys above a floor estimated from a strided sample
-(`_top_positions`). Keys kept feature-major (``[d', L]``
-memory, what `ButlerLayer` keeps with this backend) are read with unit stride; row-major keys work too,
-more slowly. The sinks and the window come first in each row, the top-k after them in position order.
+(`_top_positions`). Keys kept feature-major (``[d', L]`` memory, what `ButlerLayer` keeps with this
+backend) are read with unit stride; row-major keys work too, more slowly. Importance keys may be per KV
+head (the strided predictor's, shared by the group) or per query head (the attentive predictor's).
+The sinks and the window come first in each row, the top-k after them in position order. The pieces
+(`logits_and_partial_lse`, `merge_lse`, `rank_keys`, `select_from_keys`) also make up the fused decode
+step (`decode_step_cpu`), which runs them over token ranges in parallel.
 """
 
 from __future__ import annotations
@@ -221,7 +224,8 @@ def select_one(q, k, k_off, s_l, s_e, s_g, L, sinks, window, out, logits, lse, b
     ``n - sinks - window`` tokens between them by ``max_g (logit_g - logsumexp_g)``, in position order.
 
     ``q`` ``[G, E]`` (scale folded in); keys flat from ``k_off`` with token / feature / query-head strides ``s_l`` /
-    ``s_e`` / ``s_g`` (see `logits_and_partial_lse`); scratch: ``logits`` ``[G, >= L]``, ``lse`` ``[G]``, ``best`` ``[>= L]`` uint32.
+    ``s_e`` / ``s_g`` (see `logits_and_partial_lse`); scratch: ``logits`` ``[G, >= L]``, ``lse`` ``[G]``,
+    ``best`` ``[>= L]`` uint32.
     """
     peaks, totals = np.empty((1, lse.shape[0]), np.float32), np.empty((1, lse.shape[0]), np.float32)
     logits_and_partial_lse(q, k, k_off, s_l, s_e, s_g, 0, L, logits, peaks[0], totals[0])

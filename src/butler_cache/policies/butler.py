@@ -58,12 +58,11 @@ class ButlerPolicy(SelectionPolicy):
         n = self._numba_budget(inputs, budget)
         if n is None:
             return None
-        from ..kernels.scoring.cpu import score_select_decode_cpu
-
         layer = inputs.layer
-        indices = score_select_decode_cpu(layer.importance_queries, layer.importance_keys,
-                                          layer.predictor.config.score_scale, budget.sink_tokens, budget.local_window, n,
-                                          kv_heads=inputs.num_key_value_heads)
+        indices = numba_module("scoring.cpu").score_select_decode_cpu(
+            layer.importance_queries, layer.importance_keys, layer.predictor.config.score_scale, budget.sink_tokens,
+            budget.local_window, n, kv_heads=inputs.num_key_value_heads,
+        )
         return Selection(indices, torch.ones_like(indices, dtype=torch.bool), all_kept=True)  # [B, H_kv, 1, n]
 
     def score(self, inputs: ScoringInputs) -> torch.Tensor:
