@@ -216,6 +216,19 @@ def test_default_splits_keep_every_thread_busy_within_the_minimum_part_sizes(pai
             assert parts == 1
 
 
+def test_cpu_kernels_refuse_importance_keys_for_another_head_count():
+    """Importance keys must be per KV head or per query head; anything else is named in the error."""
+    from butler_cache.kernels.decode_step_cpu import butler_decode_cpu
+    from butler_cache.kernels.scoring.cpu import score_select_decode_cpu
+
+    args, _ = _fused_step_case(1, 2, 3, 64, 8, 16, 20, 0, False, 0)  # 2 KV heads, 6 query heads
+    wrong = torch.randn(1, 4, 64, 8)  # 4 importance-key heads
+    with pytest.raises(ValueError, match="4 heads: expected 2 .* or 6"):
+        butler_decode_cpu(args[0], wrong, *args[2:])
+    with pytest.raises(ValueError, match="4 heads: expected 2 .* or 6"):
+        score_select_decode_cpu(args[0], wrong, 8**-0.5, 4, 8, 20, kv_heads=2)
+
+
 def test_fused_decode_step_refuses_empty_splits():
     from butler_cache.kernels.decode_step_cpu import butler_decode_cpu
 
