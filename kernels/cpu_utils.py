@@ -37,6 +37,23 @@ def flat_rows(x: torch.Tensor) -> tuple[np.ndarray, int, int, int]:
     return flat, s_b, s_h, s_l
 
 
+def importance_key_strides(
+    keys: torch.Tensor, kv_heads: int, query_heads: int
+) -> tuple[np.ndarray, int, int, int, int, int]:
+    """Importance keys ``[B, H_k, L, d']`` as ``(flat, s_b, s_h, s_l, s_e, s_g)`` for kernels that work per KV head:
+    ``s_h`` the stride between KV heads, ``s_g`` between the query heads of a group. Keys per KV head (``H_k ==
+    kv_heads``, the strided predictor's) give ``s_g = 0``; keys per query head (``H_k == query_heads``, the
+    attentive predictor's) the head stride."""
+    H_k = keys.shape[1]
+    if H_k not in (kv_heads, query_heads):
+        raise ValueError(
+            f"importance keys for {H_k} heads: expected {kv_heads} (KV heads) or {query_heads} (query heads)"
+        )
+    flat, s_b, s_k, s_l, s_e = flat_view(keys)
+    group = H_k // kv_heads
+    return flat, s_b, s_k * group, s_l, s_e, s_k if group > 1 else 0
+
+
 def check_row_budget(n: int, sinks: int, window: int, L: int) -> None:
     """The CPU selection kernels take a row budget that holds the sinks and the window and leaves tokens out."""
     if not sinks + window <= n < L:

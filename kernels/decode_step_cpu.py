@@ -23,15 +23,9 @@ import numba
 import numpy as np
 import torch
 
-from .cpu_utils import check_row_budget, flat_rows
+from .cpu_utils import check_row_budget, flat_rows, importance_key_strides
 from .numba_math import FASTMATH
-from .scoring.cpu import (
-    importance_key_strides,
-    logits_and_partial_lse,
-    merge_lse,
-    rank_keys,
-    select_from_keys,
-)
+from .scoring.cpu import logits_and_partial_lse, merge_lse, rank_keys, select_from_keys
 from .sparse_attention.cpu import attend_partial, merge_partials
 
 # a part of a (b, h) has at least this many tokens to score and rows to attend (set so that a part's work stays
@@ -143,17 +137,13 @@ def butler_decode_cpu(
     if T != 1 or query.shape[2] != 1:
         raise ValueError(f"butler_decode_cpu serves one query row per sequence, got {T} and {query.shape[2]}")
     check_row_budget(n, sinks, window, L)
-    if importance_keys.shape[1] not in (H, HQ):
-        raise ValueError(
-            f"importance keys for {importance_keys.shape[1]} heads: expected {H} (KV heads) or {HQ} (query heads)"
-        )
     score_parts, attend_parts = splits or default_splits(B * H, L, n, numba.get_num_threads())
     if score_parts < 1 or attend_parts < 1:
         raise ValueError(f"splits={splits} must be two positive part counts")
     out = torch.empty(B, H, G, Dv)  # [B, 1, HQ, Dv] memory
     # strided views all the way down: the per-tensor preparation here is the whole Python cost of a layer's step
     _decode_step_kernel(importance_queries.to(torch.float32).numpy(), np.float32(importance_scale),
-                        *importance_key_strides(importance_keys, H), query.numpy(), *flat_rows(key), *flat_rows(value),
+                        *importance_key_strides(importance_keys, H, HQ), query.numpy(), *flat_rows(key), *flat_rows(value),
                         L, sinks, window, n, np.float32(scale), score_parts, attend_parts, *_workspace(B * H, G, L),
                         out.numpy())
     return out.view(B, 1, HQ, Dv)

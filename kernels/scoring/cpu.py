@@ -20,7 +20,7 @@ import numba
 import numpy as np
 import torch
 
-from ..cpu_utils import check_row_budget, flat_view
+from ..cpu_utils import check_row_budget, importance_key_strides
 from ..numba_intrinsics import fmax
 from ..numba_math import FASTMATH, exp_inplace
 
@@ -247,18 +247,6 @@ def _score_select_kernel(q, k, s_b, s_h, s_l, s_e, s_g, L, sinks, window, out):
             select_one(q[b, h], k, b * s_b + h * s_h, s_l, s_e, s_g, L, sinks, window, out[b, h], logits, lse, best)
 
 
-def importance_key_strides(keys: torch.Tensor, kv_heads: int) -> tuple[np.ndarray, int, int, int, int, int]:
-    """``keys`` ``[B, H_k, L, d']`` as ``(flat, s_b, s_h, s_l, s_e, s_g)``: strides per KV head ``s_h`` and per query
-    head of a group ``s_g``, for keys per KV head (``H_k == kv_heads``, ``s_g = 0``) or per query head (``H_k`` a
-    multiple of ``kv_heads``: the attentive predictor's)."""
-    flat, s_b, s_k, s_l, s_e = flat_view(keys)
-    H_k = keys.shape[1]
-    if H_k % kv_heads:
-        raise ValueError(f"importance keys for {H_k} heads cannot serve {kv_heads} KV heads (need a multiple)")
-    group = H_k // kv_heads
-    return flat, s_b, s_k * group, s_l, s_e, s_k if group > 1 else 0
-
-
 def score_select_decode_cpu(
     queries: torch.Tensor, keys: torch.Tensor, scale: float, sinks: int, window: int, n: int, kv_heads: int | None = None
 ) -> torch.Tensor:
@@ -277,9 +265,7 @@ def score_select_decode_cpu(
     check_row_budget(n, sinks, window, L)
     if keys.dtype != torch.float32 or keys.device.type != "cpu":
         raise ValueError(f"score_select_decode_cpu takes float32 CPU keys, got {keys.dtype} on {keys.device}")
-    if keys.shape[1] not in (H, HQ):
-        raise ValueError(f"importance keys for {keys.shape[1]} heads: expected {H} (KV heads) or {HQ} (query heads)")
     q = (queries.reshape(B, H, HQ // H, E).to(torch.float32) * scale).contiguous()  # [B, H, G, d']
     out = torch.empty(B, H, n, dtype=torch.int64)
-    _score_select_kernel(q.numpy(), *importance_key_strides(keys, H), L, sinks, window, out.numpy())
+    _score_select_kernel(q.numpy(), *importance_key_strides(keys, H, HQ), L, sinks, window, out.numpy())
     return out[:, :, None]
