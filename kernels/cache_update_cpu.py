@@ -14,9 +14,8 @@ import numba
 import numpy as np
 import torch
 
+from .cpu_utils import FlatView
 from .numba_math import FASTMATH
-
-FlatStorage = tuple[np.ndarray, int, int, int, int]  # `cpu_utils.flat_view` of a storage
 
 
 @numba.njit(fastmath=FASTMATH, nogil=True, cache=True, error_model="numpy")
@@ -49,9 +48,9 @@ def append_and_project_cpu(
     key_states: torch.Tensor,
     value_states: torch.Tensor,
     weight: torch.Tensor,
-    keys: FlatStorage,
-    values: FlatStorage,
-    importance_keys: FlatStorage,
+    keys: FlatView,
+    values: FlatView,
+    importance_keys: FlatView,
     at: int,
 ) -> None:
     """Write rows ``at .. at + T`` of the three storages (float32 CPU, given as `cpu_utils.flat_view`s).

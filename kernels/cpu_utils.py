@@ -15,8 +15,12 @@ import torch
 
 NUMBA_AVAILABLE = importlib.util.find_spec("numba") is not None
 
+FlatView = tuple[np.ndarray, int, int, int, int]  # `flat_view`: (flat, s_b, s_h, s_l, s_d)
+FlatRows = tuple[np.ndarray, int, int, int]  # `flat_rows`: (flat, s_b, s_h, row stride)
+FlatImportanceKeys = tuple[np.ndarray, int, int, int, int, int]  # `importance_key_strides`: (flat, s_b, s_h, s_l, s_e, s_g)
 
-def flat_view(x: torch.Tensor) -> tuple[np.ndarray, int, int, int, int]:
+
+def flat_view(x: torch.Tensor) -> FlatView:
     """``x`` ``[B, H, L, D]`` (CPU, non-negative strides) as ``(flat, s_b, s_h, s_l, s_d)``.
 
     ``flat`` is a 1-D numpy view over the memory ``x`` spans (no copy); ``x[b, h, l, d]`` is
@@ -25,10 +29,10 @@ def flat_view(x: torch.Tensor) -> tuple[np.ndarray, int, int, int, int]:
     B, H, L, D = x.shape
     s_b, s_h, s_l, s_d = x.stride()
     span = 1 + (B - 1) * s_b + (H - 1) * s_h + (L - 1) * s_l + (D - 1) * s_d
-    return torch.as_strided(x, (span,), (1,)).numpy(), s_b, s_h, s_l, s_d
+    return torch.as_strided(x.detach(), (span,), (1,)).numpy(), s_b, s_h, s_l, s_d
 
 
-def flat_rows(x: torch.Tensor) -> tuple[np.ndarray, int, int, int]:
+def flat_rows(x: torch.Tensor) -> FlatRows:
     """`flat_view` of a tensor whose rows are contiguous: ``(flat, s_b, s_h, row_stride)``, row ``l`` of (b, h)
     being ``flat[b * s_b + h * s_h + l * row_stride :][:D]``."""
     flat, s_b, s_h, s_l, s_d = flat_view(x)
@@ -39,7 +43,7 @@ def flat_rows(x: torch.Tensor) -> tuple[np.ndarray, int, int, int]:
 
 def importance_key_strides(
     keys: torch.Tensor, kv_heads: int, query_heads: int
-) -> tuple[np.ndarray, int, int, int, int, int]:
+) -> FlatImportanceKeys:
     """Importance keys ``[B, H_k, L, d']`` as ``(flat, s_b, s_h, s_l, s_e, s_g)`` for kernels that work per KV head:
     ``s_h`` the stride between KV heads, ``s_g`` between the query heads of a group. Keys per KV head (``H_k ==
     kv_heads``, the strided predictor's) give ``s_g = 0``; keys per query head (``H_k == query_heads``, the

@@ -23,7 +23,7 @@ import numba
 import numpy as np
 import torch
 
-from .cpu_utils import check_row_budget, flat_rows, importance_key_strides
+from .cpu_utils import FlatImportanceKeys, FlatRows, check_row_budget, flat_rows, importance_key_strides
 from .numba_math import FASTMATH
 from .scoring.cpu import logits_and_partial_lse, merge_lse, rank_keys, select_from_keys
 from .sparse_attention.cpu import attend_partial, merge_partials
@@ -133,17 +133,38 @@ def butler_decode_cpu(
     """
     B, HQ, T, _ = importance_queries.shape
     H, L = key.shape[1], key.shape[2]
-    G, Dv = HQ // H, value.shape[3]
     if T != 1 or query.shape[2] != 1:
         raise ValueError(f"butler_decode_cpu serves one query row per sequence, got {T} and {query.shape[2]}")
     check_row_budget(n, sinks, window, L)
-    score_parts, attend_parts = splits or default_splits(B * H, L, n, numba.get_num_threads())
-    if score_parts < 1 or attend_parts < 1:
+    if splits is not None and (splits[0] < 1 or splits[1] < 1):
         raise ValueError(f"splits={splits} must be two positive part counts")
-    out = torch.empty(B, H, G, Dv)  # [B, 1, HQ, Dv] memory
-    # strided views all the way down: the per-tensor preparation here is the whole Python cost of a layer's step
-    _decode_step_kernel(importance_queries.to(torch.float32).numpy(), np.float32(importance_scale),
-                        *importance_key_strides(importance_keys, H, HQ), query.numpy(), *flat_rows(key), *flat_rows(value),
-                        L, sinks, window, n, np.float32(scale), score_parts, attend_parts, *_workspace(B * H, G, L),
-                        out.numpy())
-    return out.view(B, 1, HQ, Dv)
+    out = np.empty((B, H, HQ // H, value.shape[3]), np.float32)  # [B, 1, HQ, Dv] memory
+    decode_step_flat(importance_queries.to(torch.float32).numpy(), np.float32(importance_scale),
+                     importance_key_strides(importance_keys, H, HQ), query.numpy(), flat_rows(key), flat_rows(value), L,
+                     sinks, window, n, np.float32(scale), splits or default_splits(B * H, L, n, numba.get_num_threads()), out)
+    return torch.from_numpy(out).view(B, 1, HQ, value.shape[3])
+
+
+def decode_step_flat(
+    importance_queries: np.ndarray,
+    importance_scale: np.float32,
+    importance_keys: FlatImportanceKeys,
+    query: np.ndarray,
+    key: FlatRows,
+    value: FlatRows,
+    L: int,
+    sinks: int,
+    window: int,
+    n: int,
+    scale: np.float32,
+    splits: tuple[int, int],
+    out: np.ndarray,
+) -> None:
+    """`butler_decode_cpu` on operands already in the kernel's form, checked by the caller: numpy queries
+    ``[B, HQ, 1, d']`` and ``[B, HQ, 1, D]``, the importance keys as `cpu_utils.importance_key_strides`, K/V as
+    `cpu_utils.flat_rows` (of the cache tensors or of the storages behind them: rows ``0 .. L`` are read); writes
+    ``out`` ``[B, H, G, Dv]`` float32 (``[B, 1, HQ, Dv]`` memory). `NumbaDecodeStep` calls it with the flat views
+    it keeps between steps."""
+    B, H, G, _ = out.shape
+    _decode_step_kernel(importance_queries, importance_scale, *importance_keys, query, *key, *value, L, sinks, window, n,
+                        scale, splits[0], splits[1], *_workspace(B * H, G, L), out)

@@ -137,6 +137,11 @@ def butler_attention_forward(
     layer = _take_active_layer(module, key)
     if layer is None or kwargs.get("sliding_window") or (dropout and module.training):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if attention_mask is None and layer.numba_step is not None and query.shape[2] == 1:  # numba, unpadded decode
+        out = layer.numba_step.attend(layer, query, value, scaling if scaling is not None else query.shape[-1] ** -0.5)
+        if out is not None:  # else the general path below decides
+            layer.importance_queries = None
+            return out, None
     settings = layer.settings
     q_len, kv_len = query.shape[2], key.shape[2]
     dense = settings.budget.covers(kv_len) or (q_len > 1 and not settings.sparse_prefill)

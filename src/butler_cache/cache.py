@@ -22,7 +22,8 @@ from transformers.cache_utils import DynamicLayer
 from .architecture import BaseModelShape, check_supported
 from .budget import TokenBudget
 from .growth import GrowingLayer
-from .kernels import check_backend, numba_module, resolve_backend
+from .kernels import check_backend, resolve_backend
+from .numba_step import NumbaDecodeStep
 from .policies import SelectionPolicy, make_policy
 from .predictor import ButlerPredictor, LayerInput
 
@@ -96,6 +97,8 @@ class ButlerLayer(GrowingLayer):
         self.last_scores: torch.Tensor | None = None  # [B, H_kv, 1, L_then]
         self.last_scores_age = 0
         self.stats: _StatsRecorder | None = None
+        # the numba decode path's reusable state (`NumbaDecodeStep`), made by `update` when it can serve
+        self.numba_step: NumbaDecodeStep | None = None
         self._storage["importance_keys"] = None  # importance_keys grow like keys and values
 
     def token_state(self, name: str, length: int, fill: float = 0.0) -> torch.Tensor:
@@ -143,28 +146,16 @@ class ButlerLayer(GrowingLayer):
 
     def _update_in_place(self, key_states: torch.Tensor, value_states: torch.Tensor) -> bool:
         """With the numba backend: K/V rows and their importance keys written into the storages' spare rows in
-        one compiled call (`append_and_project_cpu`), when all three have the room. False if it did nothing."""
-        if self.predictor is None or not self.is_initialized or self.keys.device.type != "cpu":
+        one compiled call, through the layer's `NumbaDecodeStep` (made anew when the last one no longer serves).
+        False if it did nothing."""
+        step = self.numba_step
+        if step is None or not step.serves(self):
+            step = self.numba_step = NumbaDecodeStep.for_layer(self)
+            if step is None:
+                return False
+        if not step.append(self, key_states, value_states):
             return False
-        if resolve_backend(self.settings.backend, self.keys.device) != "numba":
-            return False
-        weight = self.predictor.key_projection(self.layer_idx)  # [H_kv, D, d'] or None
-        T, L = key_states.shape[-2], self.keys.shape[-2]
-        if (
-            weight is None
-            or torch.is_grad_enabled() and (weight.requires_grad or key_states.requires_grad)  # autograd: the torch path
-            or not all(t.dtype == torch.float32 for t in (key_states, value_states, weight, self.keys))
-            or key_states.shape[:-2] != self.keys.shape[:-2]
-            or self.importance_keys is None
-            or self.importance_keys.shape[-2] != L
-            or min(self.spare_rows(name) for name in ("keys", "values", "importance_keys")) < T
-        ):
-            return False
-        append_and_project_cpu = numba_module("cache_update_cpu").append_and_project_cpu
-        append_and_project_cpu(key_states, value_states, weight, self.flat_storage("keys"), self.flat_storage("values"),
-                               self.flat_storage("importance_keys"), L)
-        for name in ("keys", "values", "importance_keys"):
-            self.grow_in_place(name, T)
+        self.keys, self.values, self.importance_keys = step.views
         return True
 
     def append_importance_keys(self, new: torch.Tensor) -> None:
@@ -182,10 +173,12 @@ class ButlerLayer(GrowingLayer):
             self.importance_keys = fn(self.importance_keys)
         self.policy_state = {name: fn(t) for name, t in self.policy_state.items() if t.numel() > 0}
         self.importance_queries = None
+        self.numba_step = None  # it no longer serves (the tensors were replaced); let go of its storages
         self.last_scores = None  # the next decode step predicts afresh
 
     def reset(self) -> None:
         super().reset()
+        self.numba_step = None
         self.importance_keys = None
         self.importance_queries = None
         self.policy_state = {}
@@ -210,6 +203,7 @@ class ButlerLayer(GrowingLayer):
 
     def offload(self) -> None:
         super().offload()
+        self.numba_step = None
         if self.importance_keys is not None:
             self.importance_keys = self.importance_keys.to("cpu", non_blocking=True)
 

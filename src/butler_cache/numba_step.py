@@ -1,0 +1,147 @@
+"""`NumbaDecodeStep`: a sparse layer's decode step on the CPU, with the Python around its compiled calls cut down
+to what changes from one step to the next.
+
+With the numba backend, the decode step of a `ButlerLayer` is two compiled calls: the cache update
+(`kernels/cache_update_cpu.py`: the new K/V rows and their importance keys written into the storages' spare
+rows) and the fused score + select + attend (`kernels/decode_step_cpu.py`). At 8k tokens the Python around them
+cost about a third as much as the kernels themselves, because the decoder layer's weights, streamed between two
+layers, evict that Python's code and data: each check and each tensor-to-numpy conversion costs several times its
+warm price.
+
+A layer makes a `NumbaDecodeStep` when its storages have room. The step keeps what stays the same between steps:
+the flat numpy views of the three storages, their layout checks, the shapes, numba's thread count. It serves
+while the layer's tensors are the very views it made. Every cache operation replaces them, and so does an append
+by the PyTorch path; then the layer makes a new step. Each step checks only what a step can change: the new rows'
+shapes and dtypes, the room left, autograd, the importance queries, the settings. Where it does not serve, the
+general paths run: the same kernels, through `ButlerPolicy.attend_decode`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from .kernels import numba_module, resolve_backend
+from .kernels.cpu_utils import importance_key_strides
+from .policies.butler import ButlerPolicy
+
+if TYPE_CHECKING:
+    from .cache import ButlerLayer
+
+_STORED = ("keys", "values", "importance_keys")
+
+
+class NumbaDecodeStep:
+    """The numba update and attention of one `ButlerLayer`'s decode steps (see the module docstring).
+
+    Holds views of the layer's storages, not the layer, so that a cache dropped by its user frees its memory at
+    once (no reference cycle).
+    """
+
+    def __init__(self, layer: ButlerLayer, threads: int):
+        self.views = (layer.keys, layer.values, layer.importance_keys)  # the layer's tensors while this step serves
+        self._storages = tuple(layer._storage[name] for name in _STORED)
+        self.length = layer.keys.shape[-2]
+        self.rows_left = min(layer.spare_rows(name) for name in _STORED)
+        self._flat = tuple(layer.flat_storage(name) for name in _STORED)  # `cpu_utils.flat_view`s of the storages
+        B, H, _, D = layer.keys.shape
+        HQ = layer.predictor.config.base_model.num_attention_heads
+        Dv, E = layer.values.shape[-1], layer.importance_keys.shape[-1]
+        self._heads, self._key_dim, self._value_dim = (B, H), D, Dv
+        self._query_shape, self._importance_query_shape = (B, HQ, 1, D), (B, HQ, 1, E)
+        self._out_shape, self._result_shape = (B, H, HQ // H, Dv), (B, 1, HQ, Dv)
+        self._importance_keys = importance_key_strides(layer.importance_keys, H, HQ)[1:]  # strides, storage's flat
+        self._importance_scale = np.float32(layer.predictor.config.score_scale)
+        self._threads = threads
+
+    @classmethod
+    def for_layer(cls, layer: ButlerLayer) -> NumbaDecodeStep | None:
+        """A step for ``layer`` where the numba path can serve its next updates, else None: numba backend, a
+        predictor whose importance keys are a projection of the real keys, float32 CPU storages with contiguous
+        K/V rows, importance keys in sync with the K/V, and spare rows in all three storages."""
+        if layer.predictor is None or not layer.is_initialized or layer.keys.device.type != "cpu":
+            return None
+        if resolve_backend(layer.settings.backend, layer.keys.device) != "numba":
+            return None
+        importance_keys = layer.importance_keys
+        if (
+            layer.predictor.key_projection(layer.layer_idx) is None
+            or importance_keys is None
+            or importance_keys.shape[-2] != layer.keys.shape[-2]
+            or importance_keys.shape[1] != layer.keys.shape[1]  # per KV head (the strided predictor's)
+            or not all(t.dtype == torch.float32 for t in (layer.keys, layer.values, importance_keys))
+            or min(layer.spare_rows(name) for name in _STORED) < 1
+            or layer.flat_storage("keys")[4] != 1
+            or layer.flat_storage("values")[4] != 1
+        ):
+            return None
+        import numba
+
+        return cls(layer, numba.get_num_threads())
+
+    def serves(self, layer: ButlerLayer) -> bool:
+        """Whether ``layer``'s tensors are still the views this step made."""
+        views = self.views
+        return layer.keys is views[0] and layer.values is views[1] and layer.importance_keys is views[2]
+
+    def append(self, layer: ButlerLayer, key_states: torch.Tensor, value_states: torch.Tensor) -> bool:
+        """Write the new rows ``[B, H, T, D]`` and their importance keys into the storages and move `views` on by
+        ``T`` rows; False (nothing written) where the numba update cannot take them (no room, another shape or
+        dtype, autograd)."""
+        T = key_states.shape[2]
+        B, H = self._heads
+        if (
+            T > self.rows_left
+            or key_states.dtype is not torch.float32
+            or value_states.dtype is not torch.float32
+            or key_states.shape != (B, H, T, self._key_dim)
+            or value_states.shape != (B, H, T, self._value_dim)
+        ):
+            return False
+        weight = layer.predictor.key_projection(layer.layer_idx)  # [H, D, d'], read every step: it may be trained
+        if weight.dtype is not torch.float32 or torch.is_grad_enabled() and (
+            weight.requires_grad or key_states.requires_grad or value_states.requires_grad
+        ):
+            return False
+        numba_module("cache_update_cpu").append_and_project_cpu(key_states, value_states, weight, *self._flat, self.length)
+        self.length += T
+        self.rows_left -= T
+        self.views = tuple(storage.narrow(-2, 0, self.length) for storage in self._storages)
+        return True
+
+    def attend(self, layer: ButlerLayer, query: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor | None:
+        """The sparse attention ``[B, 1, HQ, Dv]`` of an unpadded one-row decode step whose update this step made,
+        ``query`` ``[B, HQ, 1, D]``; None where the general path must decide (other settings or policy, the budget
+        covering the context, importance queries missing or of another shape or dtype)."""
+        settings, queries = layer.settings, layer.importance_queries
+        policy = settings.policy
+        if (
+            not self.serves(layer)
+            or value is not self.views[1]
+            or type(policy).attend_decode is not ButlerPolicy.attend_decode
+            or policy.stateful
+            or settings.prediction_interval != 1
+            or settings.neighbor_fetch
+            or layer.stats is not None
+            or queries is None
+            or queries.dtype is not torch.float32
+            or queries.shape != self._importance_query_shape
+            or query.dtype is not torch.float32
+            or query.shape != self._query_shape
+        ):
+            return None
+        budget, L = settings.budget, self.length
+        n, sinks, window = budget.max_selected(L), budget.sink_tokens, budget.local_window
+        if not sinks + window <= n < L:
+            return None
+        kernels = numba_module("decode_step_cpu")
+        keys, values, importance_keys = self._flat
+        out = np.empty(self._out_shape, np.float32)
+        kernels.decode_step_flat(
+            queries.numpy(), self._importance_scale, (importance_keys[0], *self._importance_keys), query.numpy(),
+            keys[:4], values[:4], L, sinks, window, n, np.float32(scale),
+            kernels.default_splits(self._heads[0] * self._heads[1], L, n, self._threads), out,
+        )
+        return torch.from_numpy(out).view(self._result_shape)

@@ -1,0 +1,104 @@
+"""`NumbaDecodeStep`: the numba decode path a `ButlerLayer` keeps between steps serves exactly while it may, and
+gives what the PyTorch path gives."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+
+from butler_cache import ButlerCache, ButlerConfig, ButlerLayer, ButlerPredictor
+from butler_cache.kernels import NUMBA_AVAILABLE
+
+from ..conftest import random_batch, tiny_model
+
+pytestmark = pytest.mark.skipif(not NUMBA_AVAILABLE, reason="numba not installed")
+
+
+def _setup(batch: int = 2):
+    model = tiny_model("qwen2", seed=4, num_attention_heads=6, num_key_value_heads=2)
+    torch.manual_seed(0)
+    predictor = ButlerPredictor(ButlerConfig.for_model(model))
+    ids, _ = random_batch(batch, 30, seed=6)
+    return model, predictor, ids
+
+
+def _count_step_calls(monkeypatch) -> list[int]:
+    """Calls of the fused kernel through a `NumbaDecodeStep` (the general path goes through butler_decode_cpu)."""
+    from butler_cache.numba_step import NumbaDecodeStep
+
+    calls = [0]
+    attend = NumbaDecodeStep.attend
+
+    def counted(self, *args):
+        out = attend(self, *args)
+        calls[0] += out is not None
+        return out
+
+    monkeypatch.setattr(NumbaDecodeStep, "attend", counted)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [dict(prediction_interval=2), dict(prediction_interval=3, neighbor_fetch=True), dict(record_stats=True)],
+    ids=["interval", "interval-neighbours", "stats"],
+)
+def test_step_leaves_settings_it_does_not_cover_to_the_general_path(settings, monkeypatch):
+    """Reused scores, neighbour fetching and recorded stats are the general path's: with them, the step only
+    makes the cache update, and generation equals the PyTorch path's."""
+    model, predictor, ids = _setup()
+    calls = _count_step_calls(monkeypatch)
+    gen = dict(input_ids=ids, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    runs = {}
+    for backend in ("torch", "numba"):
+        cache = ButlerCache(model, predictor, token_budget=12, sink_tokens=2, local_window=2, backend=backend, **settings)
+        runs[backend] = model.generate(**gen, past_key_values=cache)
+    assert calls[0] == 0
+    assert torch.equal(runs["torch"].sequences, runs["numba"].sequences)
+    for a, b in zip(runs["torch"].logits, runs["numba"].logits, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_step_serves_again_after_cache_operations(monkeypatch):
+    """Crop, beam reordering and reset replace a layer's tensors: its step is dropped at once, a new one is made
+    at the next decode step, and the second turn generates what the PyTorch path generates."""
+    model, predictor, ids = _setup()
+    calls = _count_step_calls(monkeypatch)
+    caches, outputs = {}, {}
+    for backend in ("torch", "numba"):
+        cache = caches[backend] = ButlerCache(model, predictor, token_budget=12, sink_tokens=2, local_window=2,
+                                              backend=backend)
+        first = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False, past_key_values=cache)
+        cache.crop(-3)
+        if backend == "numba":
+            assert calls[0] > 0
+            assert all(layer.numba_step is None for layer in cache.layers if isinstance(layer, ButlerLayer))
+            calls[0] = 0
+        again = torch.cat([first[:, :-3], first[:, -3:].flip(1)], dim=1)
+        second = model.generate(input_ids=again, max_new_tokens=4, do_sample=False, past_key_values=cache)
+        cache.reset()
+        beams = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False, num_beams=2, past_key_values=cache)
+        outputs[backend] = (first, second, beams)
+    assert calls[0] > 0
+    for a, b in zip(outputs["torch"], outputs["numba"], strict=True):
+        assert torch.equal(a, b)
+
+
+def test_dropped_numba_cache_frees_its_storages_without_the_garbage_collector():
+    """The step holds views of the storages, not the layer: no reference cycle keeps a dropped cache's memory."""
+    model, predictor, ids = _setup(batch=1)
+    cache = ButlerCache(model, predictor, token_budget=12, sink_tokens=2, local_window=2, backend="numba")
+    model.generate(input_ids=ids, max_new_tokens=3, do_sample=False, past_key_values=cache)
+    layer = cache.layers[cache.sparse_layers[0]]
+    assert layer.numba_step is not None
+    storage = weakref.ref(layer._storage["keys"])
+    gc.disable()
+    try:
+        del cache, layer
+        assert storage() is None
+    finally:
+        gc.enable()
+
