@@ -86,8 +86,8 @@ def _decoder_input_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> N
 def _decoder_layer_input_hook(layer_idx: int, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
     cache = kwargs.get("past_key_values")
     capture = CAPTURE.get()
-    if not isinstance(cache, ButlerCache) and capture is None:
-        return
+    if capture is None and not (isinstance(cache, ButlerCache) and layer_idx in cache.input_layers):
+        return  # most layers host no producer: this runs before every decoder layer, so it returns early
     hidden_states = args[0] if args else kwargs["hidden_states"]  # [B, T, D]
     inputs = LayerInput(hidden_states, kwargs.get("position_ids"), _KEY_PADDING.get())
     if isinstance(cache, ButlerCache):

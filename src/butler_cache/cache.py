@@ -286,6 +286,8 @@ class ButlerCache(DynamicCache):
         self.stats_recorder = _StatsRecorder() if record_stats else None
         # the predictor's own per-token decode state (attentive predictors), kept in sync below
         self.predictor_state = self.predictor.new_state() if self.predictor is not None else None
+        # decoder layers whose input hidden state the predictor reads (`on_layer_input` runs there only)
+        self.input_layers = frozenset(self.predictor.producer_layers if self.predictor is not None else ())
         for i, layer in enumerate(self.layers):
             if i in self.sparse_layers:
                 self.layers[i] = ButlerLayer(i, self.settings, self.predictor)
