@@ -63,7 +63,10 @@ class AttentivePredictor(ButlerPredictor):
     def new_state(self) -> DynamicLayer:
         return DynamicLayer()  # the self-attention block's K/V, [B, heads, L, d / heads]
 
-    def produce(self, layer_idx: int, inputs: LayerInput, state: DynamicLayer | None = None) -> dict[int, Importance]:
+    def produce(
+        self, layer_idx: int, inputs: LayerInput, state: DynamicLayer | None = None, backend: str = "torch"
+    ) -> dict[int, Importance]:
+        # no compiled producer: every backend runs these modules
         if layer_idx != 0:
             return {}
         cfg, shape = self.config, self.config.base_model

@@ -72,10 +72,13 @@ class ButlerPredictor(nn.Module, PushToHubMixin):
         """Decoder layers whose input hidden state the predictor reads."""
         raise NotImplementedError
 
-    def produce(self, layer_idx: int, inputs: LayerInput, state: DynamicLayer | None = None) -> dict[int, Importance]:
+    def produce(
+        self, layer_idx: int, inputs: LayerInput, state: DynamicLayer | None = None, backend: str = "torch"
+    ) -> dict[int, Importance]:
         """Run the producer at ``layer_idx`` (if any): ``{served layer: Importance}`` for the new tokens.
 
-        ``state`` is the predictor's own per-token decode state (`new_state`), extended in place.
+        ``state`` is the predictor's own per-token decode state (`new_state`), extended in place. ``backend``: the
+        cache's resolved backend (``"numba"`` lets a predictor use its compiled CPU producer where it has one).
         """
         raise NotImplementedError
 

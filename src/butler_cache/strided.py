@@ -13,6 +13,7 @@ from torch import nn
 from transformers.cache_utils import DynamicLayer
 
 from .config import ButlerConfig
+from .kernels import numba_module
 from .predictor import ButlerPredictor, Importance, LayerInput
 
 
@@ -27,10 +28,15 @@ class ImportanceQueryProducer(nn.Module):
         self.act = nn.SiLU()
         self.down = nn.Linear(intermediate_size, num_layers * num_heads * dim)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """``[B, T, D]`` -> ``[num_layers, B, HQ, T, d']``."""
+    def forward(self, hidden_states: torch.Tensor, backend: str = "torch") -> torch.Tensor:
+        """``[B, T, D]`` -> ``[num_layers, B, HQ, T, d']``. ``backend="numba"``: the few rows of a decode step in one
+        compiled call (`kernels/producer_cpu.py`) where it serves them, this module's operators otherwise."""
         B, T, _ = hidden_states.shape
-        out = self.down(self.act(self.up(self.norm(hidden_states))))  # [B, T, n * HQ * d']
+        kernel = numba_module("producer_cpu") if backend == "numba" else None
+        if kernel is not None and kernel.serves(self.norm, self.up, self.down, hidden_states):
+            out = kernel.importance_queries_cpu(self.norm, self.up, self.down, hidden_states)
+        else:
+            out = self.down(self.act(self.up(self.norm(hidden_states))))  # [B, T, n * HQ * d']
         return out.view(B, T, self.num_layers, self.num_heads, self.dim).permute(2, 0, 3, 1, 4)
 
 
@@ -64,11 +70,13 @@ class StridedPredictor(ButlerPredictor):
     def key_heads(self) -> int:
         return self.config.base_model.num_key_value_heads
 
-    def produce(self, layer_idx: int, inputs: LayerInput, state: DynamicLayer | None = None) -> dict[int, Importance]:
+    def produce(
+        self, layer_idx: int, inputs: LayerInput, state: DynamicLayer | None = None, backend: str = "torch"
+    ) -> dict[int, Importance]:
         producer = self._producer_of_layer.get(layer_idx)
         if producer is None:
             return {}
-        queries = self.producers[producer](inputs.hidden_states.to(self.key_projections.dtype))
+        queries = self.producers[producer](inputs.hidden_states.to(self.key_projections.dtype), backend)
         return {
             layer: Importance(q)
             for layer, q in zip(self._groups[producer], queries.unbind(0), strict=True)

@@ -239,14 +239,14 @@ def test_fused_decode_step_refuses_empty_splits():
 
 FUSED_STEP, FLAT_STEP = "decode_step_cpu.butler_decode_cpu", "decode_step_cpu.decode_step_flat"
 SCORING, ATTENTION = "scoring.cpu.score_select_decode_cpu", "sparse_attention.cpu.sparse_decode_attention_cpu"
-UPDATE = "cache_update_cpu.append_and_project_cpu"
+UPDATE, PRODUCER = "cache_update_cpu.append_and_project_cpu", "producer_cpu.importance_queries_cpu"
 
 
 @pytest.mark.parametrize(
     "kwargs, kernels",
     [
-        (dict(), {FLAT_STEP, UPDATE}),  # through the layer's NumbaDecodeStep, not the general butler_decode_cpu
-        (dict(record_stats=True), {SCORING, ATTENTION, UPDATE}),
+        (dict(), {FLAT_STEP, UPDATE, PRODUCER}),  # through the layer's NumbaDecodeStep, not butler_decode_cpu
+        (dict(record_stats=True), {SCORING, ATTENTION, UPDATE, PRODUCER}),
         (dict(policy="oracle"), {ATTENTION}),
         (dict(predictor_type="attentive"), {FUSED_STEP, FLAT_STEP}),
         (dict(predictor_type="attentive", record_stats=True), {SCORING, ATTENTION}),
@@ -254,14 +254,15 @@ UPDATE = "cache_update_cpu.append_and_project_cpu"
     ids=["fused", "separate-kernels", "oracle", "attentive-predictor", "attentive-separate-kernels"],
 )
 def test_numba_paths_through_generate_equal_torch(kwargs, kernels, monkeypatch):
-    """The fused step (default: the layer's `NumbaDecodeStep` makes the cache update and the fused call), the
+    """The fused step (default: the layer's `NumbaDecodeStep` makes the cache update and the fused call; the
+    strided predictor's producers run compiled at the decode steps), the
     separate scoring and attention kernels (stats recorded), and the attention kernel alone (oracle policy), with
     the strided predictor's importance keys (per KV head) and the attentive one's (per query head, appended by
     the producers: the general fused call), all generate what the PyTorch paths generate."""
     kwargs = dict(kwargs)
     predictor_type = kwargs.pop("predictor_type", "strided")
     called = set()
-    for name in (FUSED_STEP, FLAT_STEP, SCORING, ATTENTION, UPDATE):
+    for name in (FUSED_STEP, FLAT_STEP, SCORING, ATTENTION, UPDATE, PRODUCER):
         module_name, fn_name = name.rsplit(".", 1)
         module = importlib.import_module(f"butler_cache.kernels.{module_name}")
         fn = getattr(module, fn_name)
