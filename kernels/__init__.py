@@ -2,8 +2,9 @@
 
 ``backend`` everywhere means: ``"torch"`` the PyTorch paths (any device), ``"triton"`` the Triton
 kernels (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``, which is how CI tests them),
-``"numba"`` the compiled CPU kernels of the decode step (one call per layer: scoring, top-k and sparse
-attention; float32 CPU tensors; ``pip install butler-cache[cpu]``; compiled on first use, then cached),
+``"numba"`` the compiled CPU kernels of the decode step (per sparse layer one call for the cache update and one
+for scoring, top-k and sparse attention, and one per strided producer; float32 CPU tensors; ``pip install
+butler-cache[cpu]``; compiled on first use, then cached),
 ``"auto"`` Triton on CUDA tensors when Triton is installed, PyTorch otherwise.
 """
 

@@ -22,11 +22,24 @@ MAX_ROWS = 16
 
 
 @numba.njit(fastmath=FASTMATH, nogil=True, cache=True, error_model="numpy")
+def _linear_rows(w, b, x, out):
+    """``out[r, o] = w[o] . x[r] + b[o]`` for ``w`` ``[O, I]``, ``x`` ``[R, I]``: each weight row is read once for all
+    the rows."""
+    for o in range(w.shape[0]):
+        weights = w[o]
+        for r in range(x.shape[0]):
+            row = x[r]
+            acc = np.float32(0.0)
+            for i in range(row.shape[0]):
+                acc += weights[i] * row[i]
+            out[r, o] = acc + b[o]
+
+
+@numba.njit(fastmath=FASTMATH, nogil=True, cache=True, error_model="numpy")
 def _producer_kernel(x, norm_w, norm_b, eps, up_w, up_b, down_w, down_b, out):
     """``x`` ``[R, D]``; LayerNorm ``norm_w``, ``norm_b`` ``[D]``; ``up_w`` ``[I, D]``, ``up_b`` ``[I]``; ``down_w``
     ``[O, I]``, ``down_b`` ``[O]``; writes ``out`` ``[R, O]``."""
     R, D = x.shape
-    I, O = up_w.shape[0], down_w.shape[0]
     normed = np.empty((R, D), np.float32)
     for r in range(R):
         mean = 0.0  # float64 statistics, as LayerNorm's accuracy needs over a few hundred features
@@ -41,24 +54,13 @@ def _producer_kernel(x, norm_w, norm_b, eps, up_w, up_b, down_w, down_b, out):
         shift = np.float32(mean)
         for d in range(D):
             normed[r, d] = (x[r, d] - shift) * inv * norm_w[d] + norm_b[d]
-    hidden = np.empty((R, I), np.float32)
-    for i in range(I):
-        w = up_w[i]
-        for r in range(R):
-            row = normed[r]
-            acc = np.float32(0.0)
-            for d in range(D):
-                acc += w[d] * row[d]
-            a = acc + up_b[i]
+    hidden = np.empty((R, up_w.shape[0]), np.float32)
+    _linear_rows(up_w, up_b, normed, hidden)
+    for r in range(R):
+        for i in range(hidden.shape[1]):
+            a = hidden[r, i]
             hidden[r, i] = a / (np.float32(1.0) + np.exp(-a))  # SiLU
-    for o in range(O):
-        w = down_w[o]
-        for r in range(R):
-            row = hidden[r]
-            acc = np.float32(0.0)
-            for i in range(I):
-                acc += w[i] * row[i]
-            out[r, o] = acc + down_b[o]
+    _linear_rows(down_w, down_b, hidden, out)
 
 
 def serves(norm: nn.Module, up: nn.Module, down: nn.Module, hidden_states: torch.Tensor) -> bool:
