@@ -102,3 +102,28 @@ def test_dropped_numba_cache_frees_its_storages_without_the_garbage_collector():
     finally:
         gc.enable()
 
+
+
+def test_step_hands_over_when_the_storages_fill_up(monkeypatch):
+    """With two spare rows per storage, the storages fill up every few decode steps: the PyTorch path then grows
+    them, the general fused call serves that step's attention, and the next step makes a new `NumbaDecodeStep`.
+    Generation through those hand-overs equals the PyTorch path's."""
+    from butler_cache import growth
+    from butler_cache.kernels import decode_step_cpu
+
+    monkeypatch.setattr(growth, "MIN_SPARE_ROWS", 2)
+    monkeypatch.setattr(growth, "SPARE_FRACTION", 10**6)  # no proportional room either
+    model, predictor, ids = _setup()
+    calls = _count_step_calls(monkeypatch)
+    general = []
+    fused = decode_step_cpu.butler_decode_cpu
+    monkeypatch.setattr(decode_step_cpu, "butler_decode_cpu", lambda *a, **k: general.append(1) or fused(*a, **k))
+    gen = dict(input_ids=ids, max_new_tokens=9, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    runs = {}
+    for backend in ("torch", "numba"):
+        cache = ButlerCache(model, predictor, token_budget=12, sink_tokens=2, local_window=2, backend=backend)
+        runs[backend] = model.generate(**gen, past_key_values=cache)
+    assert calls[0] > 0 and general  # both paths served decode steps
+    assert torch.equal(runs["torch"].sequences, runs["numba"].sequences)
+    for a, b in zip(runs["torch"].logits, runs["numba"].logits, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
