@@ -110,6 +110,11 @@ class GrowingLayer(DynamicLayer):
         self._own_view[name] = view
         return view
 
+    def storage(self, name: str) -> torch.Tensor | None:
+        """The storage behind tensor ``name`` (None before its first append and after an operation that let the
+        storage go); `spare_rows` says whether the tensor is still a prefix view of it."""
+        return self._storage[name]
+
     def flat_storage(self, name: str) -> tuple:
         """`kernels.cpu_utils.flat_view` of the CPU storage behind tensor ``name`` (kept until it is replaced)."""
         if name not in self._flat_storage:

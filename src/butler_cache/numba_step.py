@@ -42,17 +42,20 @@ class NumbaDecodeStep:
 
     def __init__(self, layer: ButlerLayer, threads: int):
         self.views = (layer.keys, layer.values, layer.importance_keys)  # the layer's tensors while this step serves
-        self._storages = tuple(layer._storage[name] for name in _STORED)
+        self._storages = tuple(layer.storage(name) for name in _STORED)
         self.length = layer.keys.shape[-2]
         self.rows_left = min(layer.spare_rows(name) for name in _STORED)
-        self._flat = tuple(layer.flat_storage(name) for name in _STORED)  # `cpu_utils.flat_view`s of the storages
         B, H, _, D = layer.keys.shape
         HQ = layer.predictor.config.base_model.num_attention_heads
         Dv, E = layer.values.shape[-1], layer.importance_keys.shape[-1]
         self._heads, self._key_dim, self._value_dim = (B, H), D, Dv
         self._query_shape, self._importance_query_shape = (B, HQ, 1, D), (B, HQ, 1, E)
         self._out_shape, self._result_shape = (B, H, HQ // H, Dv), (B, 1, HQ, Dv)
-        self._importance_keys = importance_key_strides(layer.importance_keys, H, HQ)[1:]  # strides, storage's flat
+        # the storages in the kernels' forms: `cpu_utils.flat_view` for the update, `flat_rows` and
+        # `importance_key_strides` (the storage's flat array, the tensors' strides) for the fused step
+        self._flat = tuple(layer.flat_storage(name) for name in _STORED)
+        self._key_rows, self._value_rows = self._flat[0][:4], self._flat[1][:4]
+        self._importance_keys = (self._flat[2][0], *importance_key_strides(layer.importance_keys, H, HQ)[1:])
         self._importance_scale = np.float32(layer.predictor.config.score_scale)
         self._threads = threads
 
@@ -137,11 +140,10 @@ class NumbaDecodeStep:
         if not sinks + window <= n < L:
             return None
         kernels = numba_module("decode_step_cpu")
-        keys, values, importance_keys = self._flat
         out = np.empty(self._out_shape, np.float32)
         kernels.decode_step_flat(
-            queries.numpy(), self._importance_scale, (importance_keys[0], *self._importance_keys), query.numpy(),
-            keys[:4], values[:4], L, sinks, window, n, np.float32(scale),
+            queries.numpy(), self._importance_scale, self._importance_keys, query.numpy(), self._key_rows,
+            self._value_rows, L, sinks, window, n, np.float32(scale),
             kernels.default_splits(self._heads[0] * self._heads[1], L, n, self._threads), out,
         )
         return torch.from_numpy(out).view(self._result_shape)
