@@ -85,9 +85,12 @@ class NumbaDecodeStep:
         return cls(layer, numba.get_num_threads())
 
     def serves(self, layer: ButlerLayer) -> bool:
-        """Whether ``layer``'s tensors are still the views this step made."""
+        """Whether ``layer``'s tensors are still the views this step made (and its backend still numba)."""
         views = self.views
-        return layer.keys is views[0] and layer.values is views[1] and layer.importance_keys is views[2]
+        return (
+            layer.keys is views[0] and layer.values is views[1] and layer.importance_keys is views[2]
+            and layer.settings.backend == "numba"
+        )
 
     def append(self, layer: ButlerLayer, key_states: torch.Tensor, value_states: torch.Tensor) -> bool:
         """Write the new rows ``[B, H, T, D]`` and their importance keys into the storages and move `views` on by

@@ -127,3 +127,16 @@ def test_step_hands_over_when_the_storages_fill_up(monkeypatch):
     assert torch.equal(runs["torch"].sequences, runs["numba"].sequences)
     for a, b in zip(runs["torch"].logits, runs["numba"].logits, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_step_stops_serving_when_the_backend_changes(monkeypatch):
+    """A cache switched to the PyTorch backend between two generations no longer goes through its steps."""
+    model, predictor, ids = _setup(batch=1)
+    calls = _count_step_calls(monkeypatch)
+    cache = ButlerCache(model, predictor, token_budget=12, sink_tokens=2, local_window=2, backend="numba")
+    first = model.generate(input_ids=ids, max_new_tokens=3, do_sample=False, past_key_values=cache)
+    assert calls[0] > 0
+    calls[0] = 0
+    cache.settings.backend = "torch"
+    model.generate(input_ids=first, max_new_tokens=3, do_sample=False, past_key_values=cache)
+    assert calls[0] == 0
