@@ -31,7 +31,8 @@ def test_scores_and_producers_run_once_per_interval(interval, monkeypatch):
     score = cache.settings.policy.score
     monkeypatch.setattr(cache.settings.policy, "score", lambda inputs: scored.append(1) or score(inputs))
     produce = predictor.produce
-    monkeypatch.setattr(predictor, "produce", lambda *a: produced.append((a[0], a[1].hidden_states.shape[1])) or produce(*a))
+    monkeypatch.setattr(predictor, "produce",
+                        lambda *a, **k: produced.append((a[0], a[1].hidden_states.shape[1])) or produce(*a, **k))
     ids, mask = random_batch(1, 20, seed=1)
     model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=10, do_sample=False)
     sparse_layers, decode_steps = 3, 9  # layers 1-3; the prefill is dense

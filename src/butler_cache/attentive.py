@@ -64,7 +64,7 @@ class AttentivePredictor(ButlerPredictor):
         return DynamicLayer()  # the self-attention block's K/V, [B, heads, L, d / heads]
 
     def produce(
-        self, layer_idx: int, inputs: LayerInput, state: DynamicLayer | None = None, backend: str = "torch"
+        self, layer_idx: int, inputs: LayerInput, state: DynamicLayer | None = None, *, backend: str = "torch"
     ) -> dict[int, Importance]:
         # no compiled producer: every backend runs these modules
         if layer_idx != 0:

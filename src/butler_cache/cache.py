@@ -352,7 +352,8 @@ class ButlerCache(DynamicCache):
         if inputs.hidden_states.shape[1] == 1 and self.predictor_state is None and self._all_reuse(layer_idx):
             return  # every layer this producer serves reuses its last prediction this step
         backend = resolve_backend(self.settings.backend, inputs.hidden_states.device)
-        for served, importance in self.predictor.produce(layer_idx, inputs, self.predictor_state, backend).items():
+        produced = self.predictor.produce(layer_idx, inputs, self.predictor_state, backend=backend)
+        for served, importance in produced.items():
             layer = self.layers[served]
             layer.importance_queries = importance.queries
             if importance.keys is not None:

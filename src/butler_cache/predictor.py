@@ -73,7 +73,7 @@ class ButlerPredictor(nn.Module, PushToHubMixin):
         raise NotImplementedError
 
     def produce(
-        self, layer_idx: int, inputs: LayerInput, state: DynamicLayer | None = None, backend: str = "torch"
+        self, layer_idx: int, inputs: LayerInput, state: DynamicLayer | None = None, *, backend: str = "torch"
     ) -> dict[int, Importance]:
         """Run the producer at ``layer_idx`` (if any): ``{served layer: Importance}`` for the new tokens.
 

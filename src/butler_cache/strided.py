@@ -71,7 +71,7 @@ class StridedPredictor(ButlerPredictor):
         return self.config.base_model.num_key_value_heads
 
     def produce(
-        self, layer_idx: int, inputs: LayerInput, state: DynamicLayer | None = None, backend: str = "torch"
+        self, layer_idx: int, inputs: LayerInput, state: DynamicLayer | None = None, *, backend: str = "torch"
     ) -> dict[int, Importance]:
         producer = self._producer_of_layer.get(layer_idx)
         if producer is None:
