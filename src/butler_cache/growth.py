@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from .kernels.cpu_utils import flat_view
+from .kernels.cpu_utils import FlatView, flat_view
 
 # spare rows allocated on top of what is needed: at least this many, and at least 1/8 of the length,
 # so that reallocation copies amortise to a few rows per appended token.
@@ -79,10 +79,7 @@ class GrowingLayer(DynamicLayer):
         super().__init__()
         # storages that the tensors of the same name are prefix views of
         self._storage: dict[str, torch.Tensor | None] = {"keys": None, "values": None}
-        self._flat_storage: dict[str, tuple] = {}  # `flat_view`s of CPU storages, made on demand (`flat_storage`)
-        # the prefix views this layer made last, by name: while the tensor of that name is still that very
-        # object, it is known to be a prefix view of its storage (`spare_rows` skips the layout check)
-        self._own_view: dict[str, torch.Tensor] = {}
+        self._flat_storage: dict[str, FlatView] = {}  # `flat_view`s of CPU storages, made on demand (`flat_storage`)
 
     def _append(self, name: str, new: torch.Tensor, feature_major: bool = False) -> torch.Tensor:
         storage = self._storage[name]
@@ -90,7 +87,6 @@ class GrowingLayer(DynamicLayer):
         if self._storage[name] is not storage:
             self._flat_storage.pop(name, None)
         setattr(self, name, view)
-        self._own_view[name] = view
         return view
 
     def spare_rows(self, name: str) -> int:
@@ -98,24 +94,16 @@ class GrowingLayer(DynamicLayer):
         current, storage = getattr(self, name), self._storage[name]
         if storage is None or current is None:
             return 0
-        if current is not self._own_view.get(name) and (current.dim() != storage.dim() or not _is_prefix_view(current, storage)):
+        if current.dim() != storage.dim() or not _is_prefix_view(current, storage):
             return 0
         return storage.shape[-2] - current.shape[-2]
-
-    def grow_in_place(self, name: str, rows: int) -> torch.Tensor:
-        """Extend tensor ``name`` by ``rows`` rows of its storage (written by the caller; see `spare_rows`)."""
-        current = getattr(self, name)
-        view = self._storage[name].narrow(-2, 0, current.shape[-2] + rows)
-        setattr(self, name, view)
-        self._own_view[name] = view
-        return view
 
     def storage(self, name: str) -> torch.Tensor | None:
         """The storage behind tensor ``name`` (None before its first append and after an operation that let the
         storage go); `spare_rows` says whether the tensor is still a prefix view of it."""
         return self._storage[name]
 
-    def flat_storage(self, name: str) -> tuple:
+    def flat_storage(self, name: str) -> FlatView:
         """`kernels.cpu_utils.flat_view` of the CPU storage behind tensor ``name`` (kept until it is replaced)."""
         if name not in self._flat_storage:
             self._flat_storage[name] = flat_view(self._storage[name])
@@ -124,7 +112,6 @@ class GrowingLayer(DynamicLayer):
     def _release_storage(self) -> None:
         self._storage = dict.fromkeys(self._storage)
         self._flat_storage = {}
-        self._own_view = {}
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any

@@ -40,11 +40,11 @@ class NumbaDecodeStep:
     once (no reference cycle).
     """
 
-    def __init__(self, layer: ButlerLayer, threads: int):
+    def __init__(self, layer: ButlerLayer, rows_left: int, threads: int):
         self.views = (layer.keys, layer.values, layer.importance_keys)  # the layer's tensors while this step serves
         self._storages = tuple(layer.storage(name) for name in _STORED)
         self.length = layer.keys.shape[-2]
-        self.rows_left = min(layer.spare_rows(name) for name in _STORED)
+        self.rows_left = rows_left  # rows every storage still has past `length`
         B, H, _, D = layer.keys.shape
         HQ = layer.predictor.config.base_model.num_attention_heads
         Dv, E = layer.values.shape[-1], layer.importance_keys.shape[-1]
@@ -75,14 +75,14 @@ class NumbaDecodeStep:
             or importance_keys.shape[-2] != layer.keys.shape[-2]
             or importance_keys.shape[1] != layer.keys.shape[1]  # per KV head (the strided predictor's)
             or not all(t.dtype == torch.float32 for t in (layer.keys, layer.values, importance_keys))
-            or min(layer.spare_rows(name) for name in _STORED) < 1
-            or layer.flat_storage("keys")[4] != 1
-            or layer.flat_storage("values")[4] != 1
         ):
+            return None
+        rows_left = min(layer.spare_rows(name) for name in _STORED)  # 0 also where a storage is missing
+        if rows_left < 1 or layer.flat_storage("keys")[4] != 1 or layer.flat_storage("values")[4] != 1:
             return None
         import numba
 
-        return cls(layer, numba.get_num_threads())
+        return cls(layer, rows_left, numba.get_num_threads())
 
     def serves(self, layer: ButlerLayer) -> bool:
         """Whether ``layer``'s tensors are still the views this step made (and its backend still numba)."""
