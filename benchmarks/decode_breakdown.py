@@ -9,6 +9,12 @@ or scoring + selection + sparse attention); for the butler cache also the import
 sparse layers' cache updates (K/V appends, key projections, importance-key appends) and, with ``--backend
 numba``, the compiled decode-step kernel alone (the rest of its attention time is Python and the dense layer 0).
 
+The bytes a step must read (``step_bytes``), counted from the model's and the caches' shapes: every weight once
+(a tied embedding as the output projection), the K/V of every layer for the dense step; for the butler step the
+K/V of its dense layers, the importance keys and the selected K/V rows of its sparse layers, and the predictor's
+weights. Their ratio is the byte floor of the butler/dense step ratio; each step's bytes over its time give the
+rate it ran at.
+
 Then, as context for those numbers, what this machine does outside the model (``probes``): the bandwidth of a
 large copy and of the model's largest matrix-vector product (the output embedding), and the time of two small
 butler operations (a layer's key projection; with numba, a layer's decode-step kernel on the cache's real
@@ -65,6 +71,35 @@ def _copy_bandwidth(megabytes: int = 512) -> float:
     source = torch.randn(megabytes * 1024 * 1024 // 4)
     target = torch.empty_like(source)
     return 2 * source.numel() * 4 / _median_us(lambda: target.copy_(source), 5) * 1e-3
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def step_bytes(model, butler: ButlerCache, context: int) -> dict[str, int]:
+    """Bytes one decode step at ``context`` cached tokens must read, from the caches' shapes (``butler``'s layers
+    hold at least ``context`` tokens): ``weights`` (each parameter once; the input embedding, unless tied to the
+    output projection, as the one row a step looks up), ``dense_kv`` (all layers' K/V: the dense step),
+    ``butler_dense_kv`` (the K/V of the butler cache's dense layers), ``importance_keys`` and ``selected_rows``
+    (its sparse layers'), ``predictor`` (the predictor's weights). Writes (the new rows) are not counted."""
+    embedding = model.get_input_embeddings().weight  # [V, D]
+    tied = embedding.data_ptr() == model.get_output_embeddings().weight.data_ptr()
+    weights = _nbytes(model.parameters()) - (0 if tied else _nbytes([embedding]) - _nbytes([embedding[0]]))
+    out = {"weights": weights, "dense_kv": 0, "butler_dense_kv": 0, "importance_keys": 0, "selected_rows": 0,
+           "predictor": _nbytes(butler.predictor.parameters())}
+    for i, layer in enumerate(butler.layers):
+        B, H, _, D = layer.keys.shape
+        Dv, size = layer.values.shape[-1], layer.keys.element_size()
+        kv = B * H * context * (D + Dv) * size
+        out["dense_kv"] += kv
+        if i not in butler.sparse_layers or butler.settings.budget.covers(context):
+            out["butler_dense_kv"] += kv
+            continue
+        keys = layer.importance_keys  # [B, H_k, L, d']
+        out["importance_keys"] += keys.shape[0] * keys.shape[1] * context * keys.shape[3] * keys.element_size()
+        out["selected_rows"] += B * H * butler.settings.budget.max_selected(context) * (D + Dv) * size
+    return out
 
 
 @torch.no_grad()
@@ -175,6 +210,22 @@ def main() -> None:
     print("|---|" + "---|" * len(columns))
     for row in rows:
         print(f"| {row['config']} | " + " | ".join(f"{row[c]:.1f}" if c in row else "" for c in columns) + " |")
+    bytes_read = step_bytes(model, butler, args.context)
+    dense_total = bytes_read["weights"] + bytes_read["dense_kv"]
+    butler_total = dense_total - bytes_read["dense_kv"] + sum(
+        bytes_read[k] for k in ("butler_dense_kv", "importance_keys", "selected_rows", "predictor"))
+    step_ms = {row["config"]: row["step"] for row in rows}
+    floor = {"dense_MB": dense_total / 1e6, "butler_MB": butler_total / 1e6, "floor_ratio": butler_total / dense_total,
+             "measured_ratio": step_ms["butler"] / step_ms["dense (StaticCache)"],
+             "dense_GBps": dense_total / step_ms["dense (StaticCache)"] * 1e-6,
+             "butler_GBps": butler_total / step_ms["butler"] * 1e-6}
+    print()
+    print("| bytes a step must read (MB) | " + " | ".join(bytes_read) + " | dense step | butler step |")
+    print("|---|" + "---|" * (len(bytes_read) + 2))
+    print("| | " + " | ".join(f"{v / 1e6:.1f}" for v in bytes_read.values())
+          + f" | {floor['dense_MB']:.1f} | {floor['butler_MB']:.1f} |")
+    print(f"byte floor of the butler / dense ratio {floor['floor_ratio']:.3f}, measured {floor['measured_ratio']:.3f}; "
+          f"read at {floor['dense_GBps']:.1f} GB/s (dense step) and {floor['butler_GBps']:.1f} GB/s (butler step)")
     machine = probes(model, butler, args.probe_repeats)
     print()
     print("| probe | value |")
@@ -184,7 +235,7 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"context": args.context, "fraction": args.fraction, "backend": args.backend, "rows": rows,
-                       "probes": machine}, f, indent=2)
+                       "bytes": bytes_read, "floor": floor, "probes": machine}, f, indent=2)
 
 
 if __name__ == "__main__":
