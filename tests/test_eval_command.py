@@ -97,3 +97,21 @@ def test_shared_prefill_decodes_what_generate_decodes(model_dir):
     shared = generate_answers_shared(model, tokenizer, prompts, factories, max_new_tokens=6, progress=False)
     for name, make in factories.items():
         assert shared[name] == generate_answers(model, tokenizer, prompts, make, max_new_tokens=6, progress=False), name
+
+
+def test_longctx_plot_at_one_length_draws_a_bar_per_policy_and_task():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from butler_cache.evaluation.commands import _longctx_bars
+
+    rows = [{"policy": p, "task": t, "length": 64, "token_budget": 24, "accuracy": a}
+            for p, t, a in (("dense", "passkey", 1.0), ("dense", "multikey_needle", 0.5), ("h2o", "passkey", 0.25))]
+    fig, ax = plt.subplots()
+    _longctx_bars(ax, rows)
+    heights = [(round(bar.get_x() + bar.get_width() / 2, 2), bar.get_height()) for bar in ax.patches]
+    plt.close(fig)
+    # passkey bars left of each policy's tick, multikey right of it; h2o was not run on multikey: no bar
+    assert heights == [(-0.2, 1.0), (0.8, 0.25), (0.2, 0.5)]

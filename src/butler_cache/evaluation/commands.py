@@ -148,8 +148,8 @@ TASK_RUNNERS = {"perplexity": run_perplexity, "hits": run_hits, "coref": run_cor
 
 
 def plot(report: dict, path: str) -> None:
-    """One line per policy: the task's metric against sparsity, budget or length (coref at one
-    sparsity: bars per policy)."""
+    """One line per policy: the task's metric against sparsity, budget or length (coref at one sparsity and
+    longctx at one length and budget: bars per policy)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -160,6 +160,9 @@ def plot(report: dict, path: str) -> None:
     if task == "coref" and len({r["sparsity"] for r in rows}) == 1:
         _coref_bars(ax, rows)
         ax.set_title(f"{report['model']}: coref at {rows[0]['sparsity']:.0%} sparsity")
+    elif task == "longctx" and len({(r["length"], r["token_budget"]) for r in rows}) == 1:
+        _longctx_bars(ax, rows)
+        ax.set_title(f"{report['model']}: {rows[0]['length']} tokens, budget {rows[0]['token_budget']}")
     else:
         _metric_lines(ax, task, rows)
         windows = {r.get("local_window") for r in rows}
@@ -186,6 +189,23 @@ def _metric_lines(ax, task: str, rows: list[dict]) -> None:
     ax.set_xlabel(x_key)
     ax.set_ylabel(y_key)
     ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def _longctx_bars(ax, rows: list[dict]) -> None:
+    """Accuracy of each policy at one context length, a bar per task."""
+    policies = list(dict.fromkeys(r["policy"] for r in rows))
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    accuracy = {(r["policy"], r["task"]): r["accuracy"] for r in rows}
+    width = 0.8 / len(tasks)
+    for t, task in enumerate(tasks):
+        offset = (t - (len(tasks) - 1) / 2) * width
+        drawn = [(i, accuracy[p, task]) for i, p in enumerate(policies) if (p, task) in accuracy]  # not run: no bar
+        ax.bar([i + offset for i, _ in drawn], [a for _, a in drawn], width=width, label=task)
+    ax.set_xticks(list(range(len(policies))), policies, rotation=30, ha="right")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy")
+    ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8)
 
 
