@@ -212,7 +212,7 @@ def main() -> None:
         print(f"| {row['config']} | " + " | ".join(f"{row[c]:.1f}" if c in row else "" for c in columns) + " |")
     bytes_read = step_bytes(model, butler, args.context)
     dense_total = bytes_read["weights"] + bytes_read["dense_kv"]
-    butler_total = dense_total - bytes_read["dense_kv"] + sum(
+    butler_total = bytes_read["weights"] + sum(
         bytes_read[k] for k in ("butler_dense_kv", "importance_keys", "selected_rows", "predictor"))
     step_ms = {row["config"]: row["step"] for row in rows}
     floor = {"dense_MB": dense_total / 1e6, "butler_MB": butler_total / 1e6, "floor_ratio": butler_total / dense_total,

@@ -24,7 +24,6 @@ import numpy as np
 import torch
 
 from .kernels import numba_module, resolve_backend
-from .kernels.cpu_utils import importance_key_strides
 from .policies.butler import ButlerPolicy
 
 if TYPE_CHECKING:
@@ -52,10 +51,10 @@ class NumbaDecodeStep:
         self._query_shape, self._importance_query_shape = (B, HQ, 1, D), (B, HQ, 1, E)
         self._out_shape, self._result_shape = (B, H, HQ // H, Dv), (B, 1, HQ, Dv)
         # the storages in the kernels' forms: `cpu_utils.flat_view` for the update, `flat_rows` and
-        # `importance_key_strides` (the storage's flat array, the tensors' strides) for the fused step
+        # `importance_key_strides` for the fused step (keys per KV head, as `for_layer` requires: shared by the group)
         self._flat = tuple(layer.flat_storage(name) for name in _STORED)
         self._key_rows, self._value_rows = self._flat[0][:4], self._flat[1][:4]
-        self._importance_keys = (self._flat[2][0], *importance_key_strides(layer.importance_keys, H, HQ)[1:])
+        self._importance_keys = (*self._flat[2], 0)
         self._importance_scale = np.float32(layer.predictor.config.score_scale)
         self._threads = threads
 
