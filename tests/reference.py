@@ -26,6 +26,12 @@ def reference_selection(scores: list[float], valid_positions: list[int], budget:
     return forced | set(rest[: k - len(forced)])
 
 
+def reference_neighbours(selected: set[int], valid_positions: set[int]) -> set[int]:
+    """Neighbour fetching by plain Python, for one row: the selection plus, for each run of selected positions,
+    the position just after it where that one is valid."""
+    return selected | {i + 1 for i in selected if i + 1 not in selected and i + 1 in valid_positions}
+
+
 def reference_sparse_attention(query, key, value, valid, scale, budget, score_logits=None):
     """Eager attention where each (row, KV head) attends to its own selection. Returns ``[B, T, HQ, D]``.
 

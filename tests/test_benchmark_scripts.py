@@ -59,12 +59,18 @@ def test_cpu_benchmarks_run_on_the_default_model(tmp_path):
     assert floor["butler_MB"] * 1e6 == pytest.approx(sum(read.values()) - read["dense_kv"])
     (tmp_path / "text.txt").write_text(" ".join(f"word{i % 50} is here." for i in range(200)))
     _run_script("prediction_interval.py", "--context", "96", "--fraction", "2", "--intervals", "1,2", "--steps", "2",
+                "--rounds", "2", "--backend", "numba" if NUMBA_AVAILABLE else "torch",
                 "--text", str(tmp_path / "text.txt"), "--chunks", "1", "--seq-len", "48", "--budget", "24",
                 "--oracle-intervals", "1,2", "--json", str(tmp_path / "p.json"))
     rows = {r["config"]: r for r in json.loads((tmp_path / "p.json").read_text())}
-    assert set(rows) == {"dense", "oracle", "oracle, interval 2", "butler, interval 1", "butler, interval 2",
-                         "butler, interval 2 + neighbours"}
-    assert all(r["decode_perplexity"] > 1 for r in rows.values())
+    butler = {"butler, interval 1", "butler, interval 2", "butler, interval 2 + neighbours"}
+    timed = {"dense (DynamicCache)", "dense (StaticCache)", *butler}
+    assert set(rows) == {"dense", "oracle", "oracle, interval 2", *timed}
+    assert all(0 < rows[c]["attention_ms"] < rows[c]["ms_per_step"] for c in timed)
+    assert rows["dense (StaticCache)"]["ratio_static_range"] == [1.0, 1.0]
+    assert all(r["ratio_static_range"][0] <= r["ratio_static"] <= r["ratio_static_range"][1] for r in map(rows.get, timed))
+    assert all(rows[c]["decode_perplexity"] > 1 for c in {"dense", "oracle", "oracle, interval 2", *butler})
+    assert all(rows[c]["decode_perplexity"] is None for c in timed - butler)
 
 
 def test_predictor_quality_script_runs(tmp_path):

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from butler_cache import ButlerCache, ButlerConfig, ButlerLayer, ButlerPredictor
 from butler_cache.selection import Selection, with_neighbors
 
 from .conftest import random_batch, tiny_model
+from .reference import reference_neighbours
 
 
 def test_with_neighbors_by_hand():
@@ -19,6 +22,29 @@ def test_with_neighbors_by_hand():
     assert sorted(out.indices[out.keep].tolist()) == [2, 3, 4, 7, 8]
     valid[..., 8] = False
     assert sorted(with_neighbors(sel, valid, 10).indices[with_neighbors(sel, valid, 10).keep].tolist()) == [2, 3, 4, 7]
+
+
+@settings(max_examples=60, deadline=None)
+@given(B=st.integers(1, 2), H=st.integers(1, 3), q=st.integers(1, 3), L=st.integers(1, 40), K=st.integers(1, 12),
+       padded=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_with_neighbors_matches_the_reference(B, H, q, L, K, padded, seed):
+    """Random selections (slots past a row's budget hold arbitrary positions), with or without invalid keys: each
+    row attends to its selection plus the valid successor of each run, each position once."""
+    gen = torch.Generator().manual_seed(seed)
+    K = min(K, L)
+    indices = torch.rand(B, H, q, L, generator=gen).argsort(-1)[..., :K]  # distinct positions per row
+    keep = torch.rand(B, H, q, K, generator=gen) < 0.7
+    valid = torch.rand(B, 1, q, L, generator=gen) < (0.8 if padded else 1.1)
+    keep &= valid.expand(B, H, q, L).gather(-1, indices)
+    out = with_neighbors(Selection(indices, keep), valid, L)
+    for b in range(B):
+        for h in range(H):
+            for t in range(q):
+                got = out.indices[b, h, t][out.keep[b, h, t]].tolist()
+                assert len(got) == len(set(got))
+                selected = set(indices[b, h, t][keep[b, h, t]].tolist())
+                valid_positions = set(valid[b, 0, t].nonzero().flatten().tolist())
+                assert set(got) == reference_neighbours(selected, valid_positions)
 
 
 @pytest.mark.parametrize("interval", [1, 3])

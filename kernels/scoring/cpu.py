@@ -184,11 +184,11 @@ def merge_lse(peaks, totals, lse):
 
 
 @numba.njit(fastmath=FASTMATH, nogil=True, cache=True, error_model="numpy")
-def rank_keys(logits, lse, offset, begin, end, keys):
-    """``keys[i]`` for ``begin <= i < end``: the uint32 key of ``max_g (logits[g, offset + i] - lse[g])``, keys in the
-    order of the floats (``keys`` ``[>= end]`` uint32; ``logits`` ``[G, >= offset + end]``)."""
+def group_max_log_probs(logits, lse, offset, begin, end, scores):
+    """``scores[i] = max_g (logits[g, offset + i] - lse[g])`` for ``begin <= i < end`` (``scores`` ``[>= end]``
+    float32; ``logits`` ``[G, >= offset + end]``): each token's log group-max probability, as `score_reference`."""
     G = logits.shape[0]
-    ranked = keys[begin:end].view(np.float32)
+    ranked = scores[begin:end]
     row = logits[0, offset + begin : offset + end]
     for i in range(end - begin):
         ranked[i] = row[i] - lse[0]
@@ -196,11 +196,23 @@ def rank_keys(logits, lse, offset, begin, end, keys):
         row = logits[g, offset + begin : offset + end]
         for i in range(end - begin):
             ranked[i] = fmax(ranked[i], row[i] - lse[g])
-    # float -> uint32 keys in the same order: flip all bits of negatives, the sign bit of the rest
-    bits = keys[begin:end]
-    for i in range(end - begin):
+
+
+@numba.njit(nogil=True, cache=True, error_model="numpy")
+def sortable_keys(bits):
+    """float32 bit patterns (``bits`` uint32) -> uint32 keys in the order of the floats, in place: flip all bits of
+    negatives, the sign bit of the rest (branch-free)."""
+    for i in range(bits.shape[0]):
         key = bits[i]
         bits[i] = key ^ ((np.uint32(0) - (key >> np.uint32(31))) | np.uint32(0x80000000))
+
+
+@numba.njit(fastmath=FASTMATH, nogil=True, cache=True, error_model="numpy")
+def rank_keys(logits, lse, offset, begin, end, keys):
+    """``keys[i]`` for ``begin <= i < end``: the uint32 key of ``max_g (logits[g, offset + i] - lse[g])``, keys in the
+    order of the floats (``keys`` ``[>= end]`` uint32; ``logits`` ``[G, >= offset + end]``)."""
+    group_max_log_probs(logits, lse, offset, begin, end, keys.view(np.float32))
+    sortable_keys(keys[begin:end])
 
 
 @numba.njit(nogil=True, cache=True, error_model="numpy")
@@ -216,6 +228,30 @@ def select_from_keys(keys, L, sinks, window, out):
     _top_positions(keys[: L - sinks - window], m, chosen)
     for i in range(m):
         chosen[i] += sinks
+
+
+@numba.njit(nogil=True, cache=True, error_model="numpy")
+def add_neighbours(selected, sinks, window, L, out):
+    """Neighbour fetching on a `select_from_keys` selection ``selected`` ``[n]`` (sinks, window, then the chosen
+    tokens in position order): ``out[:n]`` gets the selection in position order, then, for each run of selected
+    positions, the position just after it where that is a cached token (``out`` ``[>= 2 n]`` int64). Returns the
+    number of positions written, as `selection.with_neighbors` (which also leaves out invalid keys; every key of
+    an unpadded decode step is valid)."""
+    n = selected.shape[0]
+    chosen = n - sinks - window
+    for i in range(sinks):
+        out[i] = selected[i]
+    for i in range(chosen):
+        out[sinks + i] = selected[sinks + window + i]
+    for i in range(window):
+        out[sinks + chosen + i] = selected[sinks + i]
+    count = n
+    for i in range(n):
+        after = out[i] + 1
+        if after < L and (i + 1 == n or out[i + 1] != after):
+            out[count] = after
+            count += 1
+    return count
 
 
 @numba.njit(fastmath=FASTMATH, nogil=True, cache=True, error_model="numpy")

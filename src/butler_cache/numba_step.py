@@ -119,20 +119,17 @@ class NumbaDecodeStep:
     def attend(self, layer: ButlerLayer, query: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor | None:
         """The sparse attention ``[B, 1, HQ, Dv]`` of an unpadded one-row decode step whose update this step made,
         ``query`` ``[B, HQ, 1, D]``; None where the general path must decide (other settings or policy, the budget
-        covering the context, importance queries missing or of another shape or dtype)."""
-        settings, queries = layer.settings, layer.importance_queries
+        covering the context, importance queries missing or of another shape or dtype, a kept prediction of
+        another form). With ``prediction_interval`` > 1 it keeps its prediction in ``layer.last_scores`` or reuses
+        the one kept there, as the general path does (`ButlerLayer.decode_scores`)."""
+        settings = layer.settings
         policy = settings.policy
         if (
             not self.serves(layer)
             or value is not self.views[1]
             or type(policy).attend_decode is not ButlerPolicy.attend_decode
             or policy.stateful
-            or settings.prediction_interval != 1
-            or settings.neighbor_fetch
             or layer.stats is not None
-            or queries is None
-            or queries.dtype is not torch.float32
-            or queries.shape != self._importance_query_shape
             or query.dtype is not torch.float32
             or query.shape != self._query_shape
         ):
@@ -142,10 +139,50 @@ class NumbaDecodeStep:
         if not sinks + window <= n < L:
             return None
         kernels = numba_module("decode_step_cpu")
+        splits = kernels.default_splits(self._heads[0] * self._heads[1], L, n, self._threads)
         out = np.empty(self._out_shape, np.float32)
-        kernels.decode_step_flat(
-            queries.numpy(), self._importance_scale, self._importance_keys, query.numpy(), self._key_rows,
-            self._value_rows, L, sinks, window, n, np.float32(scale),
-            kernels.default_splits(self._heads[0] * self._heads[1], L, n, self._threads), out,
-        )
+        if settings.prediction_interval == 1 and not settings.neighbor_fetch:
+            queries = self._importance_queries(layer)
+            if queries is None:
+                return None
+            kernels.decode_step_flat(queries, self._importance_scale, self._importance_keys, query.numpy(),
+                                     self._key_rows, self._value_rows, L, sinks, window, n, np.float32(scale), splits, out)
+            return torch.from_numpy(out).view(self._result_shape)
+        return self._attend_with_interval(layer, query, scale, L, n, sinks, window, splits, out)
+
+    def _importance_queries(self, layer: ButlerLayer) -> np.ndarray | None:
+        """The step's importance queries as numpy, None where the producers left none of the expected form."""
+        queries = layer.importance_queries
+        if queries is None or queries.dtype is not torch.float32 or queries.shape != self._importance_query_shape:
+            return None
+        return queries.numpy()
+
+    def _attend_with_interval(self, layer: ButlerLayer, query: torch.Tensor, scale: float, L: int, n: int, sinks: int,
+                              window: int, splits: tuple[int, int], out: np.ndarray) -> torch.Tensor | None:
+        """`attend` with a prediction interval or neighbour fetching: a step that reuses the kept prediction
+        scores nothing; one that predicts keeps its scores ``[B, H, 1, L]`` for the next steps."""
+        kernels = numba_module("decode_step_cpu")
+        B, H = self._heads
+        settings, kept = layer.settings, layer.last_scores
+        reuse = settings.prediction_interval > 1 and layer.reuses_scores()
+        if reuse:
+            if kept.dtype is not torch.float32 or kept.shape[:3] != (B, H, 1) or kept.shape[3] > L:
+                return None
+            queries, reuse_upto = self._importance_queries(layer), kept.shape[3]
+            scores = kept.contiguous().numpy().reshape(B * H, reuse_upto)
+            queries = np.zeros((B, self._query_shape[1], 1, 1), np.float32) if queries is None else queries  # not read
+        else:
+            queries, reuse_upto = self._importance_queries(layer), 0
+            if queries is None:
+                return None
+            kept = torch.empty(B, H, 1, L) if settings.prediction_interval > 1 else None
+            scores = kernels.NO_SCORES if kept is None else kept.numpy().reshape(B * H, L)
+        kernels.decode_step_flat(queries, self._importance_scale, self._importance_keys, query.numpy(), self._key_rows,
+                                 self._value_rows, L, sinks, window, n, np.float32(scale), splits, out,
+                                 scores, reuse_upto, kept is not None and not reuse,
+                                 settings.neighbor_fetch)
+        if reuse:
+            layer.last_scores_age += 1
+        elif kept is not None:
+            layer.last_scores, layer.last_scores_age = kept, 0
         return torch.from_numpy(out).view(self._result_shape)

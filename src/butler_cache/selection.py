@@ -125,13 +125,17 @@ def select_decode_tokens(scores: torch.Tensor, budget: TokenBudget) -> Selection
 
 
 def with_neighbors(selection: Selection, valid: torch.Tensor, kv_len: int) -> Selection:
-    """Add, for each run of selected positions, the valid position just after it (neighbour fetching)."""
-    mask = selection.as_mask(kv_len)  # [B, H, T, L]
-    after = torch.zeros_like(mask)
-    after[..., 1:] = mask[..., :-1] & ~mask[..., 1:]
-    mask = mask | (after & valid)
-    count = mask.sum(-1)  # [B, H, T]
-    k = int(count.max().item())
-    indices = mask.to(torch.int8).topk(k, dim=-1).indices  # selected positions first
-    keep = torch.arange(k, device=mask.device) < count[..., None]
-    return Selection(indices=indices, keep=keep)
+    """Add, for each run of selected positions, the valid position just after it (neighbour fetching).
+
+    Works on the ``K`` selected slots, not on an ``L``-wide mask: the kept positions sorted, each followed by its
+    successor unless that is selected too. Returns ``2 K`` slots per row (the selection, then its neighbours;
+    ``keep`` marks the ones to attend). ``valid``: ``[B or 1, 1 or H_kv, q, L]``.
+    """
+    indices, keep = selection.indices, selection.keep  # [B, H, q, K]
+    ordered = indices.masked_fill(~keep, kv_len).sort(dim=-1).values  # kept positions ascending, unkept (= L) last
+    after = ordered + 1  # [B, H, q, K]
+    following = torch.cat([ordered[..., 1:], ordered.new_full((*ordered.shape[:-1], 1), kv_len + 1)], dim=-1)
+    ends_a_run = (ordered < kv_len) & (after < kv_len) & (after != following)
+    after = after.clamp_(max=kv_len - 1)
+    fetched = ends_a_run & valid.expand(*indices.shape[:-1], kv_len).gather(-1, after)
+    return Selection(indices=torch.cat([indices, after], dim=-1), keep=torch.cat([keep, fetched], dim=-1))

@@ -15,7 +15,7 @@ from butler_cache.budget import TokenBudget
 from butler_cache.kernels import NUMBA_AVAILABLE
 from butler_cache.kernels.scoring import score_reference
 from butler_cache.kernels.sparse_attention import sparse_attention_naive
-from butler_cache.selection import select_decode_tokens
+from butler_cache.selection import Selection, select_decode_tokens, with_neighbors
 
 from ..conftest import random_batch, tiny_model
 
@@ -195,6 +195,67 @@ def test_fused_decode_step_with_the_default_splits(B, H):
             break
     args, ref = case
     torch.testing.assert_close(butler_decode_cpu(*args).double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=30)
+@given(B=st.integers(1, 2), H=st.integers(1, 3), G=st.sampled_from([1, 2, 4]), L=st.integers(24, 700),
+       frac=st.floats(0.0, 1.0), back=st.floats(0.0, 1.0), neighbours=st.booleans(),
+       splits=st.tuples(st.integers(1, 4), st.integers(1, 6)), seed=st.integers(0, 2**31 - 1))
+def test_fused_decode_step_keeps_and_reuses_a_prediction(B, H, G, L, frac, back, neighbours, splits, seed):
+    """The prediction interval and neighbour fetching in the fused step: ``return_scores`` gives `score_reference`'s
+    scores (past the sinks), and a step reusing a prediction made ``L - L'`` tokens earlier attends to what
+    `select_decode_tokens` selects from it (the tokens added since ranked first), with `with_neighbors` added."""
+    from butler_cache.kernels.decode_step_cpu import butler_decode_cpu
+
+    E, D, sinks, window = 16, 32, 4, 3
+    n = sinks + window + 1 + int(frac * (L - sinks - window - 2))
+    gen = torch.Generator().manual_seed(seed)
+    qi, q = torch.randn(B, H * G, 1, E, generator=gen), torch.randn(B, H * G, 1, D, generator=gen)
+    ik = _keys(B, H, L, E, 5, True, gen)
+    k, v = torch.randn(B, H, L, D, generator=gen), torch.randn(B, H, L, D, generator=gen)
+    scores = score_reference(qi, ik, E**-0.5)  # [B, H, 1, L]
+    budget = TokenBudget(n, None, sinks, window)
+    valid = torch.ones(1, 1, 1, L, dtype=torch.bool)
+
+    def reference(ranking: torch.Tensor) -> torch.Tensor:
+        selection = select_decode_tokens(ranking, budget)
+        if neighbours:
+            selection = with_neighbors(selection, valid, L)
+        return sparse_attention_naive(q.double(), k.double(), v.double(), selection.indices, selection.keep, D**-0.5)
+
+    def clear_cut(ranking: torch.Tensor) -> bool:  # no near-tie (or tie among the newer tokens) at the top-k's cut
+        middle = ranking[..., sinks : L - window].sort(-1, descending=True).values
+        m = n - sinks - window
+        if not 0 < m < middle.shape[-1]:
+            return True
+        above, below = middle[..., m - 1], middle[..., m]
+        return not ((above == below) | ((above - below).abs() <= 1e-4)).any()
+
+    assume(clear_cut(scores))
+    out, kept = butler_decode_cpu(qi, ik, E**-0.5, q, k, v, D**-0.5, sinks, window, n, splits, return_scores=True,
+                                  neighbours=neighbours)
+    assert kept.shape == (B, H, 1, L)
+    torch.testing.assert_close(kept[..., sinks:], scores[..., sinks:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.double(), reference(scores), rtol=1e-5, atol=1e-5)
+
+    then = max(1, L - int(back * min(L - 1, 2 * n)))  # a prediction made at L' = then tokens
+    reused = torch.cat([scores[..., :then], scores.new_full((B, H, 1, L - then), float("inf"))], dim=-1)
+    assume(clear_cut(reused))
+    got = butler_decode_cpu(None, ik, E**-0.5, q, k, v, D**-0.5, sinks, window, n, splits,
+                            reuse_scores=scores[..., :then].contiguous(), neighbours=neighbours)
+    torch.testing.assert_close(got.double(), reference(reused), rtol=1e-5, atol=1e-5)
+
+
+def test_fused_decode_step_refuses_a_prediction_of_another_shape():
+    from butler_cache.kernels.decode_step_cpu import butler_decode_cpu
+
+    qi, ik = torch.randn(1, 2, 1, 8), torch.randn(1, 1, 40, 8)
+    q, k = torch.randn(1, 2, 1, 16), torch.randn(1, 1, 40, 16)
+    for bad in (torch.zeros(1, 2, 1, 40), torch.zeros(1, 1, 1, 41), torch.zeros(1, 1, 1, 40, dtype=torch.float64)):
+        with pytest.raises(ValueError, match="reuse_scores must be float32"):
+            butler_decode_cpu(qi, ik, 1.0, q, k, k, 1.0, 2, 2, 10, reuse_scores=bad)
+    with pytest.raises(ValueError, match="cannot be given reuse_scores"):
+        butler_decode_cpu(qi, ik, 1.0, q, k, k, 1.0, 2, 2, 10, reuse_scores=torch.zeros(1, 1, 1, 40), return_scores=True)
 
 
 @given(pairs=st.integers(1, 64), L=st.integers(1, 200_000), frac=st.floats(0.0, 1.0), threads=st.integers(1, 128))

@@ -42,23 +42,54 @@ def _count_step_calls(monkeypatch) -> list[int]:
 
 
 @pytest.mark.parametrize(
-    "settings",
-    [dict(prediction_interval=2), dict(prediction_interval=3, neighbor_fetch=True), dict(record_stats=True)],
-    ids=["interval", "interval-neighbours", "stats"],
+    "settings, served",
+    [
+        (dict(prediction_interval=2), True),
+        (dict(prediction_interval=3, neighbor_fetch=True), True),
+        (dict(neighbor_fetch=True), True),
+        (dict(record_stats=True), False),
+    ],
+    ids=["interval", "interval-neighbours", "neighbours", "stats"],
 )
-def test_step_leaves_settings_it_does_not_cover_to_the_general_path(settings, monkeypatch):
-    """Reused scores, neighbour fetching and recorded stats are the general path's: with them, the step only
-    makes the cache update, and generation equals the PyTorch path's."""
+def test_step_gives_the_general_paths_results(settings, served, monkeypatch):
+    """Reused predictions and neighbour fetching run in the step (recorded stats stay with the general path, where
+    the step only makes the cache update); either way generation equals the PyTorch path's."""
     model, predictor, ids = _setup()
     calls = _count_step_calls(monkeypatch)
-    gen = dict(input_ids=ids, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    gen = dict(input_ids=ids, max_new_tokens=7, do_sample=False, output_logits=True, return_dict_in_generate=True)
     runs = {}
     for backend in ("torch", "numba"):
         cache = ButlerCache(model, predictor, token_budget=12, sink_tokens=2, local_window=2, backend=backend, **settings)
         runs[backend] = model.generate(**gen, past_key_values=cache)
-    assert calls[0] == 0
+    sparse_layers = len(cache.sparse_layers)
+    assert calls[0] == (6 * sparse_layers if served else 0)  # every decode step after the first of `generate`
     assert torch.equal(runs["torch"].sequences, runs["numba"].sequences)
     for a, b in zip(runs["torch"].logits, runs["numba"].logits, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_step_hands_a_prediction_over_to_the_general_path_and_back(monkeypatch):
+    """A prediction kept by the step is reused by the general path, and the other way round (``last_scores`` is
+    one state): a cache whose backend switches between steps generates what the PyTorch path generates."""
+    model, predictor, ids = _setup()
+    calls = _count_step_calls(monkeypatch)
+    gen = dict(do_sample=False, output_logits=True, return_dict_in_generate=True)
+    runs = {}
+    for switching in (False, True):
+        cache = ButlerCache(model, predictor, token_budget=12, sink_tokens=2, local_window=2, backend="torch",
+                            prediction_interval=3)
+        out = model.generate(input_ids=ids, max_new_tokens=1, past_key_values=cache, **gen)
+        tokens, logits = out.sequences, list(out.logits)
+        for step in range(7):
+            if switching:
+                cache.settings.backend = ("numba", "torch")[step % 2]
+            out = model.generate(input_ids=tokens, max_new_tokens=1, past_key_values=cache, **gen)
+            tokens = out.sequences
+            logits += list(out.logits)
+        runs[switching] = tokens, logits
+    assert calls[0] > 0  # the switching run's numba steps went through the step
+    assert torch.equal(runs[False][0], runs[True][0])
+    for a, b in zip(runs[False][1], runs[True][1], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
