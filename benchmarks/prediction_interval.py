@@ -6,7 +6,9 @@
 Speed: SmolLM2-135M-Instruct, a random prompt of ``--context`` tokens prefilled once; every configuration
 starts from a copy of that cache, and the configurations take turns, ``--steps`` decode steps each per round
 for ``--rounds`` rounds (`decode_cpu.interleaved`: the machine's drifts hit them alike), beside the two dense
-baselines of `decode_cpu.py` (`DynamicCache` and `StaticCache`). ``--steps`` should be a multiple of every
+baselines of `decode_cpu.py` (`DynamicCache` and `StaticCache`). Reported per configuration: the mean ms per step of
+a round (median over rounds), the per-round ratio of means to each baseline (median and range), and the mean ms
+per step inside the attention function. ``--steps`` should be a multiple of every
 interval, so that each round holds the same mix of predicting and reusing steps.
 Accuracy: decode-mode perplexity on ``--chunks`` chunks of ``--seq-len`` (1024) tokens of ``--text``:
 the first quarter prefilled, the rest fed one decode step at a time through the cache with a
@@ -43,6 +45,43 @@ def _decode_cpu():
     return module
 
 
+def summarise_means(times: list[list[float]], baseline: list[list[float]]) -> tuple[float, float, float, float]:
+    """(median over rounds of the mean ms per step, median per-round ratio of means to ``baseline``, its min, its
+    max). Means, not `decode_cpu.summarise`'s medians: a round of an interval configuration mixes predicting and
+    reusing steps, and what a token costs is their mean."""
+    ratios = [statistics.fmean(t) / statistics.fmean(b) for t, b in zip(times, baseline, strict=True)]
+    return statistics.median(map(statistics.fmean, times)), statistics.median(ratios), min(ratios), max(ratios)
+
+
+def plot(rows: list[dict], path: str, speed_title: str, quality_title: str) -> None:
+    """Two panels: each configuration's decode step time as a ratio to `StaticCache` (bar: median over rounds,
+    whisker: range), and its decode perplexity; a configuration not measured on one side gets no bar there."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (speed, quality) = plt.subplots(1, 2, figsize=(12, 4.5))
+    timed = [r for r in rows if r["ratio_static"] is not None]
+    lows = [r["ratio_static"] - r["ratio_static_range"][0] for r in timed]
+    highs = [r["ratio_static_range"][1] - r["ratio_static"] for r in timed]
+    speed.bar(range(len(timed)), [r["ratio_static"] for r in timed], yerr=[lows, highs], capsize=3)
+    speed.set_xticks(list(range(len(timed))), [r["config"] for r in timed], rotation=35, ha="right", fontsize=8)
+    speed.axhline(1.0, color="gray", lw=0.8)
+    speed.set_ylabel("decode step time / StaticCache step")
+    speed.set_title(speed_title, fontsize=9)
+    scored = [r for r in rows if r["decode_perplexity"] is not None]
+    quality.bar(range(len(scored)), [r["decode_perplexity"] for r in scored], color="tab:orange")
+    quality.set_xticks(list(range(len(scored))), [r["config"] for r in scored], rotation=35, ha="right", fontsize=8)
+    quality.set_ylabel("decode perplexity (lower is better)")
+    quality.set_title(quality_title, fontsize=9)
+    for ax in (speed, quality):
+        ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--context", type=int, default=8192)
@@ -59,6 +98,7 @@ def main() -> None:
                              "costs when the selection itself is exact)")
     parser.add_argument("--backend", default="torch", help="butler caches' backend (torch or numba on CPUs)")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--plot", default=None, help="PNG: speed (vs StaticCache) and decode perplexity per configuration")
     args = parser.parse_args()
 
     bench = _decode_cpu()
@@ -93,9 +133,9 @@ def main() -> None:
     del caches
     speed = {}
     for label in (n for n in times if not n.endswith(" attention")):
-        ms, ratio, low, high = bench.summarise(times[label], times["dense (DynamicCache)"])
-        _, ratio_static, low_s, high_s = bench.summarise(times[label], times["dense (StaticCache)"])
-        attention = statistics.median([x for t in times[label + " attention"] for x in t])
+        ms, ratio, low, high = summarise_means(times[label], times["dense (DynamicCache)"])
+        _, ratio_static, low_s, high_s = summarise_means(times[label], times["dense (StaticCache)"])
+        attention = statistics.median(map(statistics.fmean, times[label + " attention"]))
         speed[label] = {"ms_per_step": ms, "ratio": ratio, "ratio_range": [low, high], "ratio_static": ratio_static,
                         "ratio_static_range": [low_s, high_s], "attention_ms": attention}
         print(f"{label}: {ms:.1f} ms / step, {ratio_static:.2f}x StaticCache, attention {attention:.1f} ms")
@@ -137,6 +177,9 @@ def main() -> None:
         print(f"| {r['config']} | {timing} | {ppl} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
+    if args.plot:
+        plot(rows, args.plot, f"SmolLM2-135M, {args.context} tokens, budget 1/{args.fraction}",
+             f"{args.chunks} x {args.seq_len} tokens, budget {args.budget}")
 
 
 if __name__ == "__main__":

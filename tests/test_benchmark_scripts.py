@@ -61,7 +61,7 @@ def test_cpu_benchmarks_run_on_the_default_model(tmp_path):
     _run_script("prediction_interval.py", "--context", "96", "--fraction", "2", "--intervals", "1,2", "--steps", "2",
                 "--rounds", "2", "--backend", "numba" if NUMBA_AVAILABLE else "torch",
                 "--text", str(tmp_path / "text.txt"), "--chunks", "1", "--seq-len", "48", "--budget", "24",
-                "--oracle-intervals", "1,2", "--json", str(tmp_path / "p.json"))
+                "--oracle-intervals", "1,2", "--json", str(tmp_path / "p.json"), "--plot", str(tmp_path / "p.png"))
     rows = {r["config"]: r for r in json.loads((tmp_path / "p.json").read_text())}
     butler = {"butler, interval 1", "butler, interval 2", "butler, interval 2 + neighbours"}
     timed = {"dense (DynamicCache)", "dense (StaticCache)", *butler}
@@ -71,6 +71,7 @@ def test_cpu_benchmarks_run_on_the_default_model(tmp_path):
     assert all(r["ratio_static_range"][0] <= r["ratio_static"] <= r["ratio_static_range"][1] for r in map(rows.get, timed))
     assert all(rows[c]["decode_perplexity"] > 1 for c in {"dense", "oracle", "oracle, interval 2", *butler})
     assert all(rows[c]["decode_perplexity"] is None for c in timed - butler)
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_predictor_quality_script_runs(tmp_path):
