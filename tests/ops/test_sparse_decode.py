@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -46,7 +47,9 @@ def test_row_with_nothing_kept_gives_zeros():
     assert torch.equal(sparse_attention(q, k, v, idx, keep, 0.25, backend="triton"), torch.zeros(1, 1, 2, 16))
 
 
-def test_generate_with_triton_equals_torch_backend():
+@pytest.mark.parametrize("options", [dict(), dict(prediction_interval=3, neighbor_fetch=True)], ids=["plain", "interval-neighbours"])
+def test_generate_with_triton_equals_torch_backend(options):
+    """Left-padded batch: with neighbour fetching, padded keys are never fetched."""
     model = tiny_model("qwen2", seed=5, num_attention_heads=6, num_key_value_heads=2)
     torch.manual_seed(0)
     predictor = ButlerPredictor(ButlerConfig.for_model(model))
@@ -55,7 +58,7 @@ def test_generate_with_triton_equals_torch_backend():
                   return_dict_in_generate=True)
     runs = {}
     for backend in ("torch", "triton"):
-        cache = ButlerCache(model, predictor, token_budget=12, sink_tokens=2, local_window=2, backend=backend)
+        cache = ButlerCache(model, predictor, token_budget=12, sink_tokens=2, local_window=2, backend=backend, **options)
         runs[backend] = model.generate(**kwargs, past_key_values=cache)
     assert torch.equal(runs["torch"].sequences, runs["triton"].sequences)
     for a, b in zip(runs["torch"].logits, runs["triton"].logits, strict=True):
