@@ -84,7 +84,7 @@ def _decoder_input_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> N
 
 
 def _decoder_layer_input_hook(layer_idx: int, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-    cache = kwargs.get("past_key_values")
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers >= 5.24 names it `cache`
     capture = CAPTURE.get()
     if capture is None and not (isinstance(cache, ButlerCache) and layer_idx in cache.input_layers):
         return  # most layers host no producer: this runs before every decoder layer, so it returns early
