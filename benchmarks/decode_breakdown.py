@@ -45,6 +45,7 @@ from transformers import DynamicCache, StaticCache
 
 from butler_cache import ButlerCache, ButlerPredictor, default_predictor_path
 from butler_cache.cache import ButlerLayer
+from butler_cache.compat import cache_argument
 from butler_cache.default_model import load_default_model
 
 
@@ -164,7 +165,7 @@ def main() -> None:
     ids = torch.randint(100, 40000, (1, args.context), generator=torch.Generator().manual_seed(args.context))
     prefilled = DynamicCache(config=model.config)
     with torch.no_grad():
-        first = model(input_ids=ids, past_key_values=prefilled).logits[:, -1:].argmax(-1)
+        first = model(input_ids=ids, **cache_argument(prefilled)).logits[:, -1:].argmax(-1)
     length = args.context + args.steps + 2
     caches = {
         "dense (StaticCache)": bench.copy_into(StaticCache(config=model.config, max_cache_len=length), prefilled),
@@ -190,7 +191,7 @@ def main() -> None:
                 attention_before = attention.seconds
                 start = time.perf_counter()
                 with torch.no_grad():
-                    logits = model(input_ids=tokens[name], past_key_values=cache).logits
+                    logits = model(input_ids=tokens[name], **cache_argument(cache)).logits
                 elapsed = time.perf_counter() - start
                 tokens[name] = logits[:, -1:].argmax(-1)
                 if step < 2:  # warm-up (the first numba call compiles or loads the kernel)

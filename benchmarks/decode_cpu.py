@@ -39,6 +39,7 @@ from transformers import AttentionInterface, DynamicCache, StaticCache
 
 from butler_cache import ButlerCache, ButlerPredictor, default_predictor_path
 from butler_cache import attention as attention_module
+from butler_cache.compat import cache_argument
 from butler_cache.default_model import load_default_model
 
 
@@ -139,7 +140,7 @@ def time_steps(model, cache, token, steps: int, watch: Stopwatch | None, attenti
         before, attention_before = (watch.seconds if watch else 0.0), attention.seconds
         start = time.perf_counter()
         with torch.no_grad():
-            logits = model(input_ids=token, past_key_values=cache).logits
+            logits = model(input_ids=token, **cache_argument(cache)).logits
         elapsed = time.perf_counter() - start
         ms.append(elapsed * 1e3)
         shares.append(((watch.seconds - before) / elapsed) if watch else 0.0)
@@ -173,7 +174,7 @@ def main() -> None:
         ids = torch.randint(100, 40000, (1, context), generator=torch.Generator().manual_seed(context))
         prefilled = DynamicCache(config=model.config)
         with torch.no_grad():
-            logits = model(input_ids=ids, past_key_values=prefilled).logits
+            logits = model(input_ids=ids, **cache_argument(prefilled)).logits
         first = logits[:, -1:].argmax(-1)
         length = context + args.rounds * args.steps + 1
         caches = {

@@ -30,6 +30,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 import torch  # noqa: E402
 
 from butler_cache import ButlerCache, ButlerConfig, ButlerPredictor  # noqa: E402
+from butler_cache.compat import cache_argument
 from butler_cache.kernels import sparse_attention  # noqa: E402
 from butler_cache.kernels.sparse_attention import sparse_attention_naive  # noqa: E402
 
@@ -121,11 +122,11 @@ def end_to_end(device, dtype, batch, context, new_tokens, fraction, small: bool)
             return None if name == "dense" else ButlerCache(model, predictor, token_budget=context // fraction)
 
         with torch.no_grad():
-            model.generate(input_ids=ids, past_key_values=fresh_cache(), max_new_tokens=2, do_sample=False)  # warm-up
+            model.generate(input_ids=ids, **cache_argument(fresh_cache()), max_new_tokens=2, do_sample=False)  # warm-up
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            model.generate(input_ids=ids, past_key_values=fresh_cache(), max_new_tokens=new_tokens,
+            model.generate(input_ids=ids, **cache_argument(fresh_cache()), max_new_tokens=new_tokens,
                            min_new_tokens=new_tokens, do_sample=False)
             if device.type == "cuda":
                 torch.cuda.synchronize()

@@ -24,6 +24,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
 from butler_cache import ButlerCache, ButlerPredictor
+from butler_cache.compat import CACHE_ARGUMENT, cache_argument
 
 
 @register_model("butler_cache")
@@ -51,8 +52,8 @@ class ButlerLM(HFLM):
         if attn_mask is not None or labels is not None:
             raise ValueError("butler_cache serves decoder-only models")
         with torch.no_grad():
-            return self.model(inps, past_key_values=self.make_cache()).logits
+            return self.model(inps, **cache_argument(self.make_cache())).logits
 
     def _model_generate(self, context, max_length, stop, **generation_kwargs):
-        generation_kwargs["past_key_values"] = self.make_cache(sparse_prefill=False)
+        generation_kwargs[CACHE_ARGUMENT] = self.make_cache(sparse_prefill=False)
         return super()._model_generate(context, max_length, stop, **generation_kwargs)

@@ -26,7 +26,12 @@ import torch
 from .cpu_utils import FlatImportanceKeys, FlatRows, check_row_budget, flat_rows, importance_key_strides
 from .numba_math import FASTMATH
 from .scoring.cpu import (
-    add_neighbours, group_max_log_probs, logits_and_partial_lse, merge_lse, select_from_keys, sortable_keys,
+    add_neighbours,
+    group_max_log_probs,
+    logits_and_partial_lse,
+    merge_lse,
+    select_from_keys,
+    sortable_keys,
 )
 from .sparse_attention.cpu import attend_partial, merge_partials
 

@@ -13,6 +13,7 @@ from butler_cache import (
     ButlerPredictor,
     capture_attention,
 )
+from butler_cache.compat import cache_argument
 
 from .conftest import random_batch, tiny_model
 
@@ -46,7 +47,7 @@ def test_decode_state_equals_teacher_forced(setup, pads):
     model, predictor = setup
     ids, mask = random_batch(len(pads), 12, pads, seed=2)
     cache = ButlerCache(model, predictor, token_budget=8, sink_tokens=1, local_window=2)
-    out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=6, do_sample=False)
+    out = model.generate(input_ids=ids, attention_mask=mask, **cache_argument(cache), max_new_tokens=6, do_sample=False)
     full_mask = torch.cat([mask, torch.ones(len(pads), 6, dtype=mask.dtype)], dim=1)
     # the cache holds every token but the last generated one
     expected = teacher_forced_keys(model, predictor, out[:, :-1], full_mask[:, :-1])
@@ -64,7 +65,7 @@ def test_cache_operations_keep_the_predictor_state(setup):
     cache = ButlerCache(model, predictor, token_budget=8, sink_tokens=1, local_window=2)
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-              past_key_values=cache)
+              **cache_argument(cache))
     cache.crop(-2)
     cache.batch_select_indices(torch.tensor([2, 0]))
     cache.batch_repeat_interleave(2)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from butler_cache import ButlerCache, ButlerLayer, SparseAttentionSettings, TokenBudget
+from butler_cache.compat import cache_argument
 from butler_cache.policies import (
     H2OPolicy,
     QuestPolicy,
@@ -121,15 +122,15 @@ def test_baselines_through_generate(policy):
     model = tiny_model("qwen2", seed=2, num_attention_heads=6, num_key_value_heads=2)
     ids, mask = random_batch(2, 24, [0, 3], seed=1)
     kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
-    dense = model.generate(**kwargs, past_key_values=DynamicCache(config=model.config))
-    assert torch.equal(model.generate(**kwargs, past_key_values=ButlerCache(model, policy=policy, token_budget=64)), dense)
+    dense = model.generate(**kwargs, **cache_argument(DynamicCache(config=model.config)))
+    assert torch.equal(model.generate(**kwargs, **cache_argument(ButlerCache(model, policy=policy, token_budget=64))), dense)
     cache = ButlerCache(model, policy=policy, token_budget=12, sink_tokens=2, local_window=2, record_stats=True)
-    model.generate(**kwargs, past_key_values=cache)
+    model.generate(**kwargs, **cache_argument(cache))
     steps = [s for s in cache.stats if s.query_length == 1]
     assert steps and all(s.attended == 12 for s in steps)
     sparse_prefill = ButlerCache(model, policy=policy, budget_ratio=0.5, sink_tokens=2, local_window=1, sparse_prefill=True)
     with torch.no_grad():
-        assert model(input_ids=ids, attention_mask=mask, past_key_values=sparse_prefill).logits.isfinite().all()
+        assert model(input_ids=ids, attention_mask=mask, **cache_argument(sparse_prefill)).logits.isfinite().all()
 
 
 def test_h2o_gives_half_the_budget_to_the_most_recent_tokens():

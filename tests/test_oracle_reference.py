@@ -11,6 +11,7 @@ from transformers import DynamicCache
 
 from butler_cache import ButlerCache
 from butler_cache.architecture import full_attention_layers
+from butler_cache.compat import cache_argument
 
 from .conftest import FAMILIES, random_batch, tiny_model
 from .reference import install_reference
@@ -49,8 +50,8 @@ def test_oracle_decode_matches_reference(case):
     ids, mask = random_batch(len(pads), length, pads, seed=seed)
     kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
                   output_logits=True, return_dict_in_generate=True)
-    ref = reference.generate(**kwargs, past_key_values=DynamicCache(config=model.config))
-    got = model.generate(**kwargs, past_key_values=ButlerCache(model, policy="oracle", **budget))
+    ref = reference.generate(**kwargs, **cache_argument(DynamicCache(config=model.config)))
+    got = model.generate(**kwargs, **cache_argument(ButlerCache(model, policy="oracle", **budget)))
     assert torch.equal(got.sequences, ref.sequences)
     for step_got, step_ref in zip(got.logits, ref.logits, strict=True):
         torch.testing.assert_close(step_got, step_ref, **TIGHT)
@@ -65,7 +66,7 @@ def test_oracle_sparse_prefill_matches_reference(case):
     with torch.no_grad():
         ref = reference(input_ids=ids, attention_mask=mask).logits
         cache = ButlerCache(model, policy="oracle", sparse_prefill=True, **budget)
-        got = model(input_ids=ids, attention_mask=mask, past_key_values=cache).logits
+        got = model(input_ids=ids, attention_mask=mask, **cache_argument(cache)).logits
     valid = mask.bool()  # outputs at padding positions are not defined
     torch.testing.assert_close(got[valid], ref[valid], **TIGHT)
 
@@ -77,7 +78,7 @@ def test_sparse_budget_changes_the_output():
     with torch.no_grad():
         dense = model(input_ids=ids, attention_mask=mask).logits
         cache = ButlerCache(model, policy="oracle", token_budget=8, sink_tokens=2, local_window=2, sparse_prefill=True)
-        sparse = model(input_ids=ids, attention_mask=mask, past_key_values=cache).logits
+        sparse = model(input_ids=ids, attention_mask=mask, **cache_argument(cache)).logits
     assert (dense - sparse)[0, 10:].abs().max() > 1e-3
 
 
@@ -121,8 +122,8 @@ def test_butler_decode_matches_reference(case, stride):
     ids, mask = random_batch(len(pads), length, pads, seed=seed)
     kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
                   output_logits=True, return_dict_in_generate=True)
-    ref = reference.generate(**kwargs, past_key_values=DynamicCache(config=model.config))
-    got = model.generate(**kwargs, past_key_values=ButlerCache(model, predictor, **budget))
+    ref = reference.generate(**kwargs, **cache_argument(DynamicCache(config=model.config)))
+    got = model.generate(**kwargs, **cache_argument(ButlerCache(model, predictor, **budget)))
     assert torch.equal(got.sequences, ref.sequences)
     for step_got, step_ref in zip(got.logits, ref.logits, strict=True):
         torch.testing.assert_close(step_got, step_ref, **TIGHT)

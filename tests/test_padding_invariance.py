@@ -7,6 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from butler_cache import ButlerCache, ButlerConfig, ButlerPredictor
+from butler_cache.compat import cache_argument
 
 from .conftest import FAMILIES, random_batch, tiny_model
 
@@ -35,10 +36,10 @@ def test_padded_batch_equals_rows_alone(family, policy, pads, length, budget, sp
     ids, mask = random_batch(len(pads), length, pads, seed=seed)
     kwargs = dict(max_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True)
     batch = model.generate(input_ids=ids, attention_mask=mask,
-                           past_key_values=_cache(model, policy, dict(budget, sparse_prefill=sparse_prefill)), **kwargs)
+                           **cache_argument(_cache(model, policy, dict(budget, sparse_prefill=sparse_prefill))), **kwargs)
     for row, pad in enumerate(pads):
         alone = model.generate(input_ids=ids[row : row + 1, pad:], attention_mask=mask[row : row + 1, pad:],
-                               past_key_values=_cache(model, policy, dict(budget, sparse_prefill=sparse_prefill)),
+                               **cache_argument(_cache(model, policy, dict(budget, sparse_prefill=sparse_prefill))),
                                **kwargs)
         assert torch.equal(batch.sequences[row, length:], alone.sequences[0, length - pad :])
         for step_batch, step_alone in zip(batch.logits, alone.logits, strict=True):

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from butler_cache import ButlerCache, ButlerConfig, ButlerLayer, ButlerPredictor
+from butler_cache.compat import cache_argument
 from butler_cache.selection import Selection, with_neighbors
 
 from .conftest import random_batch, tiny_model
@@ -60,7 +61,7 @@ def test_scores_and_producers_run_once_per_interval(interval, monkeypatch):
     monkeypatch.setattr(predictor, "produce",
                         lambda *a, **k: produced.append((a[0], a[1].hidden_states.shape[1])) or produce(*a, **k))
     ids, mask = random_batch(1, 20, seed=1)
-    model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=10, do_sample=False)
+    model.generate(input_ids=ids, attention_mask=mask, **cache_argument(cache), max_new_tokens=10, do_sample=False)
     sparse_layers, decode_steps = 3, 9  # layers 1-3; the prefill is dense
     assert len(scored) == sparse_layers * -(-decode_steps // interval)
     # one producer (layer 1, stride 3); it is skipped on the steps that reuse the last prediction
@@ -75,7 +76,7 @@ def test_interval_and_neighbours_generate_and_reset_on_cache_operations():
     ids, mask = random_batch(2, 24, [0, 3], seed=2)
     cache = ButlerCache(model, policy="oracle", token_budget=10, sink_tokens=2, local_window=3, prediction_interval=4,
                         neighbor_fetch=True, record_stats=True)
-    model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=8, do_sample=False,
+    model.generate(input_ids=ids, attention_mask=mask, **cache_argument(cache), max_new_tokens=8, do_sample=False,
                    num_beams=2)
     steps = [s for s in cache.stats if s.query_length == 1 and s.attended is not None]
     assert steps and all(10 <= s.attended <= 20 for s in steps)

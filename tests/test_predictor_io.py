@@ -11,6 +11,7 @@ import torch
 from transformers import BloomConfig, BloomForCausalLM
 
 from butler_cache import ButlerCache, ButlerConfig, ButlerPredictor, TokenBudget, UnsupportedModelError
+from butler_cache.compat import cache_argument
 
 from .conftest import random_batch, tiny_model
 
@@ -43,9 +44,9 @@ def test_round_trip(saved, predictor, model):
     assert "library_name: butler-cache" in card and "ButlerCache.from_pretrained" in card
     ids, mask = random_batch(2, 20, [0, 3])
     kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
-    first = model.generate(**kwargs, past_key_values=ButlerCache(model, predictor, token_budget=8, local_window=2))
-    again = model.generate(**kwargs, past_key_values=ButlerCache.from_pretrained(saved, model, token_budget=8,
-                                                                                 local_window=2))
+    first = model.generate(**kwargs, **cache_argument(ButlerCache(model, predictor, token_budget=8, local_window=2)))
+    again = model.generate(**kwargs, **cache_argument(ButlerCache.from_pretrained(saved, model, token_budget=8,
+                                                                                 local_window=2)))
     assert torch.equal(first, again)
 
 

@@ -11,6 +11,7 @@ import torch
 from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 
 from .cache import ButlerCache, StepStats
+from .compat import cache_argument
 from .kernels import BACKENDS
 from .policies import POLICIES
 
@@ -32,7 +33,7 @@ def _timed_generate(model, inputs, cache, args) -> tuple[torch.Tensor, float, li
     with torch.no_grad():
         out = model.generate(
             **inputs,
-            past_key_values=cache,
+            **cache_argument(cache),
             max_new_tokens=args.max_new_tokens,
             do_sample=args.temperature > 0,
             temperature=args.temperature if args.temperature > 0 else None,

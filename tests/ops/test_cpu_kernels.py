@@ -12,10 +12,11 @@ from hypothesis import strategies as st
 
 from butler_cache import ButlerCache, ButlerConfig, ButlerPredictor
 from butler_cache.budget import TokenBudget
+from butler_cache.compat import cache_argument
 from butler_cache.kernels import NUMBA_AVAILABLE
 from butler_cache.kernels.scoring import score_reference
 from butler_cache.kernels.sparse_attention import sparse_attention_naive
-from butler_cache.selection import Selection, select_decode_tokens, with_neighbors
+from butler_cache.selection import select_decode_tokens, with_neighbors
 
 from ..conftest import random_batch, tiny_model
 
@@ -336,7 +337,7 @@ def test_numba_paths_through_generate_equal_torch(kwargs, kernels, monkeypatch):
     runs = {}
     for backend in ("torch", "numba"):
         cache = ButlerCache(model, predictor, token_budget=12, sink_tokens=2, local_window=2, backend=backend, **kwargs)
-        runs[backend] = model.generate(**gen_kwargs, past_key_values=cache)
+        runs[backend] = model.generate(**gen_kwargs, **cache_argument(cache))
         if cache.predictor is not None and predictor_type == "strided":
             layer = cache.layers[cache.sparse_layers[0]]
             assert (layer.importance_keys.stride(-2) == 1) == (backend == "numba")  # feature-major under numba
@@ -354,7 +355,7 @@ def test_numba_backend_falls_back_to_torch_for_other_dtypes():
     out = {}
     for backend in ("torch", "numba"):
         cache = ButlerCache(model, predictor, token_budget=12, sink_tokens=2, local_window=2, backend=backend)
-        out[backend] = model.generate(input_ids=ids, max_new_tokens=5, do_sample=False, past_key_values=cache)
+        out[backend] = model.generate(input_ids=ids, max_new_tokens=5, do_sample=False, **cache_argument(cache))
     assert torch.equal(out["torch"], out["numba"])
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from butler_cache import ButlerCache, ButlerConfig, ButlerLayer, ButlerPredictor
+from butler_cache.compat import cache_argument
 from butler_cache.kernels import NUMBA_AVAILABLE
 
 from ..conftest import random_batch, tiny_model
@@ -60,7 +61,7 @@ def test_step_gives_the_general_paths_results(settings, served, monkeypatch):
     runs = {}
     for backend in ("torch", "numba"):
         cache = ButlerCache(model, predictor, token_budget=12, sink_tokens=2, local_window=2, backend=backend, **settings)
-        runs[backend] = model.generate(**gen, past_key_values=cache)
+        runs[backend] = model.generate(**gen, **cache_argument(cache))
     sparse_layers = len(cache.sparse_layers)
     assert calls[0] == (6 * sparse_layers if served else 0)  # every decode step after the first of `generate`
     assert torch.equal(runs["torch"].sequences, runs["numba"].sequences)
@@ -78,12 +79,12 @@ def test_step_hands_a_prediction_over_to_the_general_path_and_back(monkeypatch):
     for switching in (False, True):
         cache = ButlerCache(model, predictor, token_budget=12, sink_tokens=2, local_window=2, backend="torch",
                             prediction_interval=3)
-        out = model.generate(input_ids=ids, max_new_tokens=1, past_key_values=cache, **gen)
+        out = model.generate(input_ids=ids, max_new_tokens=1, **cache_argument(cache), **gen)
         tokens, logits = out.sequences, list(out.logits)
         for step in range(7):
             if switching:
                 cache.settings.backend = ("numba", "torch")[step % 2]
-            out = model.generate(input_ids=tokens, max_new_tokens=1, past_key_values=cache, **gen)
+            out = model.generate(input_ids=tokens, max_new_tokens=1, **cache_argument(cache), **gen)
             tokens = out.sequences
             logits += list(out.logits)
         runs[switching] = tokens, logits
@@ -102,16 +103,16 @@ def test_step_serves_again_after_cache_operations(monkeypatch):
     for backend in ("torch", "numba"):
         cache = caches[backend] = ButlerCache(model, predictor, token_budget=12, sink_tokens=2, local_window=2,
                                               backend=backend)
-        first = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False, past_key_values=cache)
+        first = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False, **cache_argument(cache))
         cache.crop(-3)
         if backend == "numba":
             assert calls[0] > 0
             assert all(layer.numba_step is None for layer in cache.layers if isinstance(layer, ButlerLayer))
             calls[0] = 0
         again = torch.cat([first[:, :-3], first[:, -3:].flip(1)], dim=1)
-        second = model.generate(input_ids=again, max_new_tokens=4, do_sample=False, past_key_values=cache)
+        second = model.generate(input_ids=again, max_new_tokens=4, do_sample=False, **cache_argument(cache))
         cache.reset()
-        beams = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False, num_beams=2, past_key_values=cache)
+        beams = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False, num_beams=2, **cache_argument(cache))
         outputs[backend] = (first, second, beams)
     assert calls[0] > 0
     for a, b in zip(outputs["torch"], outputs["numba"], strict=True):
@@ -122,7 +123,7 @@ def test_dropped_numba_cache_frees_its_storages_without_the_garbage_collector():
     """The step holds views of the storages, not the layer: no reference cycle keeps a dropped cache's memory."""
     model, predictor, ids = _setup(batch=1)
     cache = ButlerCache(model, predictor, token_budget=12, sink_tokens=2, local_window=2, backend="numba")
-    model.generate(input_ids=ids, max_new_tokens=3, do_sample=False, past_key_values=cache)
+    model.generate(input_ids=ids, max_new_tokens=3, do_sample=False, **cache_argument(cache))
     layer = cache.layers[cache.sparse_layers[0]]
     assert layer.numba_step is not None
     storage = weakref.ref(layer._storage["keys"])
@@ -153,7 +154,7 @@ def test_step_hands_over_when_the_storages_fill_up(monkeypatch):
     runs = {}
     for backend in ("torch", "numba"):
         cache = ButlerCache(model, predictor, token_budget=12, sink_tokens=2, local_window=2, backend=backend)
-        runs[backend] = model.generate(**gen, past_key_values=cache)
+        runs[backend] = model.generate(**gen, **cache_argument(cache))
     assert calls[0] > 0 and general  # both paths served decode steps
     assert torch.equal(runs["torch"].sequences, runs["numba"].sequences)
     for a, b in zip(runs["torch"].logits, runs["numba"].logits, strict=True):
@@ -165,9 +166,9 @@ def test_step_stops_serving_when_the_backend_changes(monkeypatch):
     model, predictor, ids = _setup(batch=1)
     calls = _count_step_calls(monkeypatch)
     cache = ButlerCache(model, predictor, token_budget=12, sink_tokens=2, local_window=2, backend="numba")
-    first = model.generate(input_ids=ids, max_new_tokens=3, do_sample=False, past_key_values=cache)
+    first = model.generate(input_ids=ids, max_new_tokens=3, do_sample=False, **cache_argument(cache))
     assert calls[0] > 0
     calls[0] = 0
     cache.settings.backend = "torch"
-    model.generate(input_ids=first, max_new_tokens=3, do_sample=False, past_key_values=cache)
+    model.generate(input_ids=first, max_new_tokens=3, do_sample=False, **cache_argument(cache))
     assert calls[0] == 0

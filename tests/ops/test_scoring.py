@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from butler_cache import ButlerCache, ButlerConfig, ButlerPredictor
+from butler_cache.compat import cache_argument
 from butler_cache.kernels.scoring.decode import score_decode
 from butler_cache.kernels.scoring.reference import score_reference
 from butler_cache.policies import group_max_probabilities
@@ -45,7 +46,7 @@ def test_unpadded_generate_uses_the_kernel_and_matches_torch(monkeypatch, predic
     out = {}
     for backend in ("torch", "triton"):
         cache = ButlerCache(model, predictor, token_budget=12, sink_tokens=2, local_window=2, backend=backend)
-        out[backend] = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=6,
+        out[backend] = model.generate(input_ids=ids, attention_mask=mask, **cache_argument(cache), max_new_tokens=6,
                                       do_sample=False)
     assert torch.equal(out["torch"], out["triton"])
     assert calls  # the sparse decode steps went through the kernel

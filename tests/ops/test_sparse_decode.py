@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from butler_cache import ButlerCache, ButlerConfig, ButlerPredictor
+from butler_cache.compat import cache_argument
 from butler_cache.kernels import sparse_attention
 from butler_cache.kernels.sparse_attention import gather_rows, sparse_attention_naive
 
@@ -59,7 +60,7 @@ def test_generate_with_triton_equals_torch_backend(options):
     runs = {}
     for backend in ("torch", "triton"):
         cache = ButlerCache(model, predictor, token_budget=12, sink_tokens=2, local_window=2, backend=backend, **options)
-        runs[backend] = model.generate(**kwargs, past_key_values=cache)
+        runs[backend] = model.generate(**kwargs, **cache_argument(cache))
     assert torch.equal(runs["torch"].sequences, runs["triton"].sequences)
     for a, b in zip(runs["torch"].logits, runs["triton"].logits, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..cache import ButlerCache
+from ..compat import cache_argument
 from ..predictor import ButlerPredictor
 from ..training.data import TokenChunks
 
@@ -44,7 +45,7 @@ def sparse_perplexity(
                             budget_ratio=1.0 - sparsity, sink_tokens=sink_tokens, local_window=local_window,
                             sparse_prefill=True)
         with torch.no_grad():
-            logits = model(input_ids=ids, past_key_values=cache).logits  # [1, T, V]
+            logits = model(input_ids=ids, **cache_argument(cache)).logits  # [1, T, V]
         nll += F.cross_entropy(logits[0, :-1].float(), ids[0, 1:], reduction="sum").item()
         count += ids.shape[1] - 1
     return math.exp(nll / count)
@@ -73,10 +74,10 @@ def decode_perplexity(
             raise ValueError(f"prefix={prefix} must leave tokens to decode in chunks of {ids.shape[1]}")
         cache = make_cache()
         with torch.no_grad():
-            logits = model(input_ids=ids[:, :prefix], past_key_values=cache).logits[:, -1]  # [1, V]
+            logits = model(input_ids=ids[:, :prefix], **cache_argument(cache)).logits[:, -1]  # [1, V]
             for t in range(prefix, ids.shape[1]):
                 nll += F.cross_entropy(logits.float(), ids[:, t], reduction="sum").item()
                 count += 1
                 if t + 1 < ids.shape[1]:
-                    logits = model(input_ids=ids[:, t : t + 1], past_key_values=cache).logits[:, -1]
+                    logits = model(input_ids=ids[:, t : t + 1], **cache_argument(cache)).logits[:, -1]
     return math.exp(nll / count)

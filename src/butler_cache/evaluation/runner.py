@@ -10,6 +10,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from ..cache import ACTIVE_LAYER, ButlerCache, ButlerLayer
+from ..compat import cache_argument
 from ..growth import GrowingLayer
 from ..predictor import ButlerPredictor
 from .coref import CorefExample
@@ -42,7 +43,7 @@ def coref_teacher_forced(model, tokenizer, examples: list[CorefExample], make_ca
         ans = tokenizer(" " + ex.answer, add_special_tokens=False)["input_ids"]
         ids = torch.tensor([ctx + ans], device=device)
         with torch.no_grad():
-            logits = model(input_ids=ids, past_key_values=make_cache()).logits[0]
+            logits = model(input_ids=ids, **cache_argument(make_cache())).logits[0]
         predicted = logits[len(ctx) - 1 : -1].argmax(-1).tolist()
         misses = sum(p != t for p, t in zip(predicted, ans, strict=True))
         missed_tokens, total_tokens = missed_tokens + misses, total_tokens + len(ans)
@@ -58,7 +59,7 @@ def generate_answers(model, tokenizer, prompts: list[str], make_cache: CacheFact
     for prompt in tqdm(prompts, desc=desc, disable=not progress, leave=False):
         inputs = tokenizer(prompt, return_tensors="pt").to(device)
         with torch.no_grad():
-            out = model.generate(**inputs, past_key_values=make_cache(), max_new_tokens=max_new_tokens, do_sample=False,
+            out = model.generate(**inputs, **cache_argument(make_cache()), max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
         outputs.append(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
     return outputs
@@ -98,7 +99,7 @@ def greedy_continue(model, cache, first_token: torch.Tensor, max_new_tokens: int
     tokens, token = [first_token.item()], first_token
     while len(tokens) < max_new_tokens and tokens[-1] not in eos:
         with torch.no_grad():
-            token = model(input_ids=token, past_key_values=cache).logits[:, -1:].argmax(-1)
+            token = model(input_ids=token, **cache_argument(cache)).logits[:, -1:].argmax(-1)
         tokens.append(token.item())
     return tokens
 
@@ -120,7 +121,7 @@ def generate_answers_shared(model, tokenizer, prompts: list[str], factories: dic
         if shared:
             prefill = DynamicCache(config=model.config)
             with torch.no_grad():
-                first = model(**inputs, past_key_values=prefill).logits[:, -1:].argmax(-1)  # [1, 1]
+                first = model(**inputs, **cache_argument(prefill)).logits[:, -1:].argmax(-1)  # [1, 1]
         for name, make in factories.items():
             if name in shared:
                 tokens = greedy_continue(model, copy_prefill(prefill, make()), first, max_new_tokens, eos)

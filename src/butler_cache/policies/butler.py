@@ -71,7 +71,8 @@ class ButlerPolicy(SelectionPolicy):
         if queries is None:
             raise RuntimeError(
                 f"layer {layer.layer_idx}: no importance queries were produced for this forward; "
-                "is the model attached (butler_cache.attach) and the cache passed as past_key_values?"
+                "is the model attached (butler_cache.attach) and the cache passed as past_key_values (cache= on "
+                "transformers >= 5.24)?"
             )
         keys = layer.importance_keys  # [B, H_k, L, d']
         T, L = inputs.query.shape[2], inputs.key.shape[2]
