@@ -7,7 +7,8 @@ alone: the logits pass and the attention are each split into ``splits`` parts pe
 log-sum-exps and partial outputs are merged (flash-decoding style), so that one sequence with fewer KV heads
 than threads (3 KV heads on 2 cores for SmolLM2, 8 on 32 cores for Llama-3.1-8B) still keeps every thread
 busy. Equal to ``sparse_attention(query, key, value, select_decode_tokens(score_reference(...)).indices,
-...)`` up to ties in the selection and float rounding.
+...)`` up to ties in the selection and float rounding. The same call serves the prediction interval (a step keeps
+its scores for the next ones, a step that reuses them scores nothing) and neighbour fetching (`add_neighbours`).
 
 numba's on-disk cache is keyed on each function's own source file: the compiled helpers inlined here
 from `scoring/cpu.py`, `sparse_attention/cpu.py` and `numba_math.py` do not invalidate it. After
