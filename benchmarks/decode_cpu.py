@@ -149,10 +149,16 @@ def time_steps(model, cache, token, steps: int, watch: Stopwatch | None, attenti
     return ms, shares, attention_ms, token
 
 
-def summarise(times: list[list[float]], baseline: list[list[float]]) -> tuple[float, float, float, float]:
-    """(median ms over all steps, median per-round ratio to ``baseline``, its min, its max)."""
-    ratios = [statistics.median(t) / statistics.median(b) for t, b in zip(times, baseline, strict=True)]
-    return statistics.median([x for t in times for x in t]), statistics.median(ratios), min(ratios), max(ratios)
+def summarise(times: list[list[float]], baseline: list[list[float]], average=None) -> tuple[float, float, float, float]:
+    """(median ms over all steps, median per-round ratio to ``baseline``, its min, its max). ``average``: how a round's
+    steps are averaged (default the median); with ``statistics.fmean`` the first figure is the median over rounds
+    of each round's mean (what a token costs where a round mixes kinds of steps)."""
+    if average is None:
+        average, overall = statistics.median, statistics.median([x for t in times for x in t])
+    else:
+        overall = statistics.median(map(average, times))
+    ratios = [average(t) / average(b) for t, b in zip(times, baseline, strict=True)]
+    return overall, statistics.median(ratios), min(ratios), max(ratios)
 
 
 def main() -> None:

@@ -46,14 +46,6 @@ def _decode_cpu():
     return module
 
 
-def summarise_means(times: list[list[float]], baseline: list[list[float]]) -> tuple[float, float, float, float]:
-    """(median over rounds of the mean ms per step, median per-round ratio of means to ``baseline``, its min, its
-    max). Means, not `decode_cpu.summarise`'s medians: a round of an interval configuration mixes predicting and
-    reusing steps, and what a token costs is their mean."""
-    ratios = [statistics.fmean(t) / statistics.fmean(b) for t, b in zip(times, baseline, strict=True)]
-    return statistics.median(map(statistics.fmean, times)), statistics.median(ratios), min(ratios), max(ratios)
-
-
 def plot(rows: list[dict], path: str, speed_title: str, quality_title: str) -> None:
     """Two panels: each configuration's decode step time as a ratio to `StaticCache` (bar: median over rounds,
     whisker: range), and its decode perplexity; a configuration not measured on one side gets no bar there."""
@@ -134,8 +126,9 @@ def main() -> None:
     del caches
     speed = {}
     for label in (n for n in times if not n.endswith(" attention")):
-        ms, ratio, low, high = summarise_means(times[label], times["dense (DynamicCache)"])
-        _, ratio_static, low_s, high_s = summarise_means(times[label], times["dense (StaticCache)"])
+        # per-round means: a round of an interval configuration mixes predicting and reusing steps
+        ms, ratio, low, high = bench.summarise(times[label], times["dense (DynamicCache)"], statistics.fmean)
+        _, ratio_static, low_s, high_s = bench.summarise(times[label], times["dense (StaticCache)"], statistics.fmean)
         attention = statistics.median(map(statistics.fmean, times[label + " attention"]))
         speed[label] = {"ms_per_step": ms, "ratio": ratio, "ratio_range": [low, high], "ratio_static": ratio_static,
                         "ratio_static_range": [low_s, high_s], "attention_ms": attention}

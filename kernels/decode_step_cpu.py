@@ -150,6 +150,9 @@ def _decode_step_kernel(qi, qi_scale, ik, ik_b, ik_h, ik_l, ik_e, ik_g, q, k, k_
         merge_partials(a_peaks[p], a_totals[p], a_accs[p], out[p // H, p % H])
 
 
+NO_SCORES = np.empty((1, 1), np.float32)  # the kernel's ``scores`` where a step neither keeps nor reuses a prediction
+
+
 def butler_decode_cpu(
     importance_queries: torch.Tensor | None,
     importance_keys: torch.Tensor,
@@ -200,7 +203,7 @@ def butler_decode_cpu(
     else:
         if importance_queries is None or importance_queries.shape[2] != 1:
             raise ValueError("butler_decode_cpu scores with one row of importance queries [B, HQ, 1, d'] per sequence")
-        scores = np.empty((B * H, L) if return_scores else (1, 1), np.float32)
+        scores = np.empty((B * H, L), np.float32) if return_scores else NO_SCORES
         queries = importance_queries.to(torch.float32).numpy()
     out = np.empty((B, H, HQ // H, value.shape[3]), np.float32)  # [B, 1, HQ, Dv] memory
     decode_step_flat(queries, np.float32(importance_scale), importance_key_strides(importance_keys, H, HQ),
@@ -209,9 +212,6 @@ def butler_decode_cpu(
                      0 if reuse_scores is None else reuse_scores.shape[3], return_scores, neighbours)
     result = torch.from_numpy(out).view(B, 1, HQ, value.shape[3])
     return (result, torch.from_numpy(scores).view(B, H, 1, L)) if return_scores else result
-
-
-NO_SCORES = np.empty((1, 1), np.float32)  # the kernel's ``scores`` where a step neither keeps nor reuses a prediction
 
 
 def decode_step_flat(

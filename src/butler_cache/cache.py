@@ -122,12 +122,20 @@ class ButlerLayer(GrowingLayer):
         if self.settings.prediction_interval == 1:
             return score()
         if self.reuses_scores():
-            self.last_scores_age += 1
-            last = self.last_scores
+            last = self.reuse_scores()
             fresh = last.new_full((*last.shape[:-1], kv_len - last.shape[-1]), float("inf"))
             return torch.cat([last, fresh], dim=-1)
-        self.last_scores, self.last_scores_age = score(), 0
+        return self.keep_scores(score())
+
+    def reuse_scores(self) -> torch.Tensor:
+        """The kept prediction, counted as serving one more decode step (call where `reuses_scores`)."""
+        self.last_scores_age += 1
         return self.last_scores
+
+    def keep_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        """Keep ``scores`` ``[B, H_kv, 1, L]`` as the prediction the next ``prediction_interval - 1`` steps reuse."""
+        self.last_scores, self.last_scores_age = scores, 0
+        return scores
 
     def __repr__(self) -> str:
         return f"ButlerLayer(layer_idx={self.layer_idx}, predictor={self.predictor is not None})"

@@ -56,6 +56,7 @@ class NumbaDecodeStep:
         self._key_rows, self._value_rows = self._flat[0][:4], self._flat[1][:4]
         self._importance_keys = (*self._flat[2], 0)
         self._importance_scale = np.float32(layer.predictor.config.score_scale)
+        self._no_importance_queries = np.zeros((B, HQ, 1, 1), np.float32)  # what a step reusing a prediction passes
         self._threads = threads
 
     @classmethod
@@ -148,7 +149,7 @@ class NumbaDecodeStep:
             kernels.decode_step_flat(queries, self._importance_scale, self._importance_keys, query.numpy(),
                                      self._key_rows, self._value_rows, L, sinks, window, n, np.float32(scale), splits, out)
             return torch.from_numpy(out).view(self._result_shape)
-        return self._attend_with_interval(layer, query, scale, L, n, sinks, window, splits, out)
+        return self._attend_with_interval(kernels, layer, query, scale, L, n, sinks, window, splits, out)
 
     def _importance_queries(self, layer: ButlerLayer) -> np.ndarray | None:
         """The step's importance queries as numpy, None where the producers left none of the expected form."""
@@ -157,32 +158,28 @@ class NumbaDecodeStep:
             return None
         return queries.numpy()
 
-    def _attend_with_interval(self, layer: ButlerLayer, query: torch.Tensor, scale: float, L: int, n: int, sinks: int,
-                              window: int, splits: tuple[int, int], out: np.ndarray) -> torch.Tensor | None:
+    def _attend_with_interval(self, kernels, layer: ButlerLayer, query: torch.Tensor, scale: float, L: int, n: int,
+                              sinks: int, window: int, splits: tuple[int, int], out: np.ndarray) -> torch.Tensor | None:
         """`attend` with a prediction interval or neighbour fetching: a step that reuses the kept prediction
         scores nothing; one that predicts keeps its scores ``[B, H, 1, L]`` for the next steps."""
-        kernels = numba_module("decode_step_cpu")
         B, H = self._heads
-        settings, kept = layer.settings, layer.last_scores
-        reuse = settings.prediction_interval > 1 and layer.reuses_scores()
+        kept, keeping = layer.last_scores, layer.settings.prediction_interval > 1
+        reuse = keeping and layer.reuses_scores()
         if reuse:
             if kept.dtype is not torch.float32 or kept.shape[:3] != (B, H, 1) or kept.shape[3] > L:
                 return None
-            queries, reuse_upto = self._importance_queries(layer), kept.shape[3]
-            scores = kept.contiguous().numpy().reshape(B * H, reuse_upto)
-            queries = np.zeros((B, self._query_shape[1], 1, 1), np.float32) if queries is None else queries  # not read
+            queries, scores = self._no_importance_queries, kept.contiguous().numpy().reshape(B * H, kept.shape[3])
         else:
-            queries, reuse_upto = self._importance_queries(layer), 0
+            queries = self._importance_queries(layer)
             if queries is None:
                 return None
-            kept = torch.empty(B, H, 1, L) if settings.prediction_interval > 1 else None
-            scores = kernels.NO_SCORES if kept is None else kept.numpy().reshape(B * H, L)
+            kept = torch.empty(B, H, 1, L) if keeping else None
+            scores = kept.numpy().reshape(B * H, L) if keeping else kernels.NO_SCORES
         kernels.decode_step_flat(queries, self._importance_scale, self._importance_keys, query.numpy(), self._key_rows,
-                                 self._value_rows, L, sinks, window, n, np.float32(scale), splits, out,
-                                 scores, reuse_upto, kept is not None and not reuse,
-                                 settings.neighbor_fetch)
+                                 self._value_rows, L, sinks, window, n, np.float32(scale), splits, out, scores,
+                                 kept.shape[3] if reuse else 0, keeping and not reuse, layer.settings.neighbor_fetch)
         if reuse:
-            layer.last_scores_age += 1
-        elif kept is not None:
-            layer.last_scores, layer.last_scores_age = kept, 0
+            layer.reuse_scores()
+        elif keeping:
+            layer.keep_scores(kept)
         return torch.from_numpy(out).view(self._result_shape)
