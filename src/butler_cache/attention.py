@@ -162,14 +162,13 @@ def butler_attention_forward(
     else:
         valid = key_validity(attention_mask, q_len, kv_len, key.device)  # [B|1, 1, T, L]
     inputs = ScoringInputs(query=query, key=key, valid=valid, scaling=scale, layer=layer, all_valid=unpadded_decode)
-    fusable = unpadded_decode and settings.prediction_interval == 1
-    if fusable and not settings.neighbor_fetch and layer.stats is None and not policy.stateful:
+    if unpadded_decode and layer.stats is None and not policy.stateful:
         out = policy.attend_decode(inputs, value, settings.budget)  # score + select + attend in one call
         if out is not None:
             layer.importance_queries = None
             return out, None
     selection = None
-    if fusable:
+    if unpadded_decode and settings.prediction_interval == 1:
         selection = policy.select_decode(inputs, settings.budget)  # fused scoring + top-k where the policy has one
     if selection is None:
         if q_len == 1:

@@ -311,16 +311,20 @@ UPDATE, PRODUCER = "cache_update_cpu.append_and_project_cpu", "producer_cpu.impo
         (dict(record_stats=True), {SCORING, ATTENTION, UPDATE, PRODUCER}),
         (dict(policy="oracle"), {ATTENTION}),
         (dict(predictor_type="attentive"), {FUSED_STEP, FLAT_STEP}),
+        (dict(predictor_type="attentive", prediction_interval=3), {FUSED_STEP, FLAT_STEP}),
+        (dict(predictor_type="attentive", prediction_interval=2, neighbor_fetch=True), {FUSED_STEP, FLAT_STEP}),
         (dict(predictor_type="attentive", record_stats=True), {SCORING, ATTENTION}),
     ],
-    ids=["fused", "separate-kernels", "oracle", "attentive-predictor", "attentive-separate-kernels"],
+    ids=["fused", "separate-kernels", "oracle", "attentive-predictor", "attentive-interval",
+         "attentive-interval-neighbours", "attentive-separate-kernels"],
 )
 def test_numba_paths_through_generate_equal_torch(kwargs, kernels, monkeypatch):
     """The fused step (default: the layer's `NumbaDecodeStep` makes the cache update and the fused call; the
     strided predictor's producers run compiled at the decode steps), the
     separate scoring and attention kernels (stats recorded), and the attention kernel alone (oracle policy), with
     the strided predictor's importance keys (per KV head) and the attentive one's (per query head, appended by
-    the producers: the general fused call), all generate what the PyTorch paths generate."""
+    the producers: the general fused call, which also keeps and reuses predictions and fetches neighbours), all
+    generate what the PyTorch paths generate."""
     kwargs = dict(kwargs)
     predictor_type = kwargs.pop("predictor_type", "strided")
     called = set()

@@ -136,10 +136,13 @@ def test_dropped_numba_cache_frees_its_storages_without_the_garbage_collector():
 
 
 
-def test_step_hands_over_when_the_storages_fill_up(monkeypatch):
+@pytest.mark.parametrize("settings", [dict(), dict(prediction_interval=3, neighbor_fetch=True)],
+                         ids=["plain", "interval-neighbours"])
+def test_step_hands_over_when_the_storages_fill_up(settings, monkeypatch):
     """With two spare rows per storage, the storages fill up every few decode steps: the PyTorch path then grows
     them, the general fused call serves that step's attention, and the next step makes a new `NumbaDecodeStep`.
-    Generation through those hand-overs equals the PyTorch path's."""
+    Generation through those hand-overs equals the PyTorch path's, also where the two fused calls hand a kept
+    prediction to each other."""
     from butler_cache import growth
     from butler_cache.kernels import decode_step_cpu
 
@@ -153,7 +156,8 @@ def test_step_hands_over_when_the_storages_fill_up(monkeypatch):
     gen = dict(input_ids=ids, max_new_tokens=9, do_sample=False, output_logits=True, return_dict_in_generate=True)
     runs = {}
     for backend in ("torch", "numba"):
-        cache = ButlerCache(model, predictor, token_budget=12, sink_tokens=2, local_window=2, backend=backend)
+        cache = ButlerCache(model, predictor, token_budget=12, sink_tokens=2, local_window=2, backend=backend,
+                            **settings)
         runs[backend] = model.generate(**gen, **cache_argument(cache))
     assert calls[0] > 0 and general  # both paths served decode steps
     assert torch.equal(runs["torch"].sequences, runs["numba"].sequences)

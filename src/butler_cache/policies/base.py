@@ -58,8 +58,9 @@ class SelectionPolicy:
 
     def attend_decode(self, inputs: ScoringInputs, value: torch.Tensor, budget: TokenBudget) -> torch.Tensor | None:
         """A fused score + select + attend for one unpadded decode row, ``[B, 1, HQ, Dv]``, or None to have the
-        cache run the separate steps. Only asked when nothing else needs the selection (no stats, no
-        neighbour fetching, no prediction interval, not stateful)."""
+        cache run the separate steps. Only asked when nothing else needs the selection (no stats, not stateful);
+        a policy that serves a cache with a prediction interval or neighbour fetching (``inputs.layer.settings``)
+        must honour them as the separate steps do, or return None."""
         return None
 
     def observe(self, inputs: ScoringInputs, selection: Selection | None) -> None:

@@ -20,19 +20,22 @@ class ButlerPolicy(SelectionPolicy):
     name = "butler"
     requires_predictor = True
 
-    def _numba_budget(self, inputs: ScoringInputs, budget: TokenBudget) -> int | None:
+    def _numba_budget(self, inputs: ScoringInputs, budget: TokenBudget, scoring: bool = True) -> int | None:
         """The row budget when the numba CPU kernels can serve this decode step, else None (the PyTorch path
-        runs, and `score` raises on out-of-sync predictor state)."""
+        runs, and `score` raises on out-of-sync predictor state). ``scoring=False``: a step that reuses a kept
+        prediction, which reads neither the importance queries nor the importance keys."""
         layer = inputs.layer
         if resolve_backend(layer.settings.backend, inputs.key.device) != "numba":
             return None  # checked first: the default paths pay one call per layer
-        queries, keys = layer.importance_queries, layer.importance_keys
         L = inputs.key.shape[2]
         n = budget.max_selected(L)
+        if not inputs.all_valid or n >= L:
+            return None
+        if not scoring:
+            return n
+        queries, keys = layer.importance_queries, layer.importance_keys
         if (
-            not inputs.all_valid
-            or n >= L
-            or queries is None
+            queries is None
             or keys is None
             or keys.shape[2] != L
             or keys.dtype != torch.float32
@@ -43,15 +46,30 @@ class ButlerPolicy(SelectionPolicy):
         return n
 
     def attend_decode(self, inputs: ScoringInputs, value: torch.Tensor, budget: TokenBudget) -> torch.Tensor | None:
-        """On CPUs with the numba backend: the whole decode step of the layer in one compiled call."""
-        n = self._numba_budget(inputs, budget)
+        """On CPUs with the numba backend: the whole decode step of the layer in one compiled call, with the
+        cache's prediction interval (a step keeps its prediction in ``layer.last_scores`` or reuses the kept one,
+        as `ButlerLayer.decode_scores` does) and neighbour fetching."""
+        layer = inputs.layer
+        settings = layer.settings
+        keeping = settings.prediction_interval > 1
+        kept = layer.last_scores if keeping and layer.reuses_scores() else None  # [B, H_kv, 1, L'] or None
+        n = self._numba_budget(inputs, budget, scoring=kept is None)
         if n is None or not numba_serves(inputs.query, inputs.key, value):
             return None
-        layer = inputs.layer
-        return numba_module("decode_step_cpu").butler_decode_cpu(
+        B, H, L = inputs.key.shape[0], inputs.num_key_value_heads, inputs.key.shape[2]
+        if kept is not None and (kept.dtype != torch.float32 or kept.shape[:3] != (B, H, 1) or kept.shape[3] > L):
+            return None  # a prediction kept in another form (the general path knows what to do with it)
+        result = numba_module("decode_step_cpu").butler_decode_cpu(
             layer.importance_queries, layer.importance_keys, layer.predictor.config.score_scale,
             inputs.query, inputs.key, value, inputs.scaling, budget.sink_tokens, budget.local_window, n,
-        )  # [B, 1, HQ, Dv]
+            reuse_scores=kept, return_scores=keeping and kept is None, neighbours=settings.neighbor_fetch,
+        )
+        if kept is not None:
+            layer.reuse_scores()
+        elif keeping:
+            result, scores = result  # scores [B, H_kv, 1, L]
+            layer.keep_scores(scores)
+        return result  # [B, 1, HQ, Dv]
 
     def select_decode(self, inputs: ScoringInputs, budget: TokenBudget) -> Selection | None:
         """On CPUs with the numba backend: scoring and top-k in one compiled pass per KV head."""
