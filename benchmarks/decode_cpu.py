@@ -6,7 +6,8 @@
 ``numba`` (the compiled CPU kernels: scoring, top-k and sparse attention of a layer in one call).
 
 For each context length the prompt is prefilled once (dense); every configuration starts from a copy
-of that cache (ButlerCache layers compute their importance keys from the copied keys). The
+of that cache (ButlerCache layers compute their importance keys from the copied keys). ``--batch`` decodes
+that many sequences at once (each its own random prompt of the context length, prefilled one at a time). The
 configurations then take turns: each round, every configuration decodes ``--steps`` tokens, so that
 drifts of the machine (memory bandwidth shared with other tenants, frequency) hit all of them alike.
 Two dense baselines: transformers' `DynamicCache` (the default of ``generate``; it re-copies the whole
@@ -84,6 +85,24 @@ def predictor_timer(cache: ButlerCache):
         for owner, name in targets:
             stack.enter_context(timed_attribute(owner, name, watch))
         yield watch
+
+
+def prefill(model, ids: torch.Tensor) -> tuple[DynamicCache, torch.Tensor]:
+    """The dense cache of prompts ``ids`` ``[B, L]``, prefilled one sequence at a time (the attention of a whole
+    batch of long prompts at once would need B times the memory), and each sequence's next token ``[B, 1]``."""
+    rows, firsts = [], []
+    for row in ids.split(1):
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad():
+            logits = model(input_ids=row, **cache_argument(cache)).logits
+        rows.append(cache)
+        firsts.append(logits[:, -1:].argmax(-1))
+    if len(rows) == 1:
+        return rows[0], firsts[0]
+    batched = DynamicCache(config=model.config)
+    for i, layers in enumerate(zip(*(c.layers for c in rows), strict=True)):
+        batched.update(torch.cat([layer.keys for layer in layers]), torch.cat([layer.values for layer in layers]), i)
+    return batched, torch.cat(firsts)
 
 
 def copy_into(cache, prefilled: DynamicCache):
@@ -168,20 +187,21 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6, help="decode steps per configuration per round")
     parser.add_argument("--rounds", type=int, default=5, help="rounds in which the configurations take turns")
     parser.add_argument("--backends", default="torch", help="comma-separated butler backends, each a configuration")
+    parser.add_argument("--batch", type=int, default=1, help="sequences decoded at once")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    if args.batch < 1:
+        parser.error(f"--batch must be at least 1, got {args.batch}")
 
     torch.manual_seed(0)
     model, _ = load_default_model()
     predictor = ButlerPredictor.from_pretrained(default_predictor_path())
     rows = []
-    print(f"threads: {torch.get_num_threads()}, {args.rounds} rounds x {args.steps} steps per configuration")
+    print(f"threads: {torch.get_num_threads()}, batch {args.batch}, {args.rounds} rounds x {args.steps} steps per "
+          "configuration")
     for context in [int(c) for c in args.contexts.split(",")]:
-        ids = torch.randint(100, 40000, (1, context), generator=torch.Generator().manual_seed(context))
-        prefilled = DynamicCache(config=model.config)
-        with torch.no_grad():
-            logits = model(input_ids=ids, **cache_argument(prefilled)).logits
-        first = logits[:, -1:].argmax(-1)
+        ids = torch.randint(100, 40000, (args.batch, context), generator=torch.Generator().manual_seed(context))
+        prefilled, first = prefill(model, ids)
         length = context + args.rounds * args.steps + 1
         caches = {
             "dense (DynamicCache)": copy_into(DynamicCache(config=model.config), prefilled),
@@ -203,19 +223,19 @@ def main() -> None:
             ms, ratio, low, high = summarise(times[name], times["dense (DynamicCache)"])
             _, ratio_static, low_s, high_s = summarise(times[name], times["dense (StaticCache)"])
             shares = [x for t in times.get(name + " share", [[0.0]]) for x in t]
-            rows.append({"context": context, "config": name, "ms_per_step": ms, "ratio": ratio,
+            rows.append({"context": context, "batch": args.batch, "config": name, "ms_per_step": ms, "ratio": ratio,
                          "ratio_range": [low, high], "ratio_static": ratio_static,
                          "ratio_static_range": [low_s, high_s],
                          "predictor_share": None if name in fused else statistics.median(shares),
                          "attention_ms": statistics.median([x for t in times[name + " attention"] for x in t])})
             print(json.dumps(rows[-1]))
     print()
-    print("| context | configuration | ms / decode step | vs dense (DynamicCache) [range over rounds] "
+    print("| context | batch | configuration | ms / decode step | vs dense (DynamicCache) [range over rounds] "
           "| vs dense (StaticCache) [range] | of which attention (ms) | predictor share |")
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         (lo, hi), (lo_s, hi_s) = r["ratio_range"], r["ratio_static_range"]
-        print(f"| {r['context']} | {r['config']} | {r['ms_per_step']:.1f} | {r['ratio']:.2f} [{lo:.2f}-{hi:.2f}] "
+        print(f"| {r['context']} | {r['batch']} | {r['config']} | {r['ms_per_step']:.1f} | {r['ratio']:.2f} [{lo:.2f}-{hi:.2f}] "
               f"| {r['ratio_static']:.2f} [{lo_s:.2f}-{hi_s:.2f}] | {r['attention_ms']:.1f} | "
               f"{'fused' if r['predictor_share'] is None else format(r['predictor_share'], '.0%')} |")
     if args.json:

@@ -35,8 +35,9 @@ def test_cpu_benchmarks_run_on_the_default_model(tmp_path):
     mean nothing here)."""
     backends = "torch,numba" if NUMBA_AVAILABLE else "torch"
     _run_script("decode_cpu.py", "--contexts", "96", "--fractions", "2", "--steps", "2", "--rounds", "2",
-                "--backends", backends, "--json", str(tmp_path / "d.json"))
+                "--backends", backends, "--batch", "2", "--json", str(tmp_path / "d.json"))
     rows = json.loads((tmp_path / "d.json").read_text())
+    assert all(r["batch"] == 2 for r in rows)
     butler = ["butler 1/2 (torch)", "butler 1/2 (numba)"] if NUMBA_AVAILABLE else ["butler 1/2"]
     assert [r["config"] for r in rows] == ["dense (DynamicCache)", "dense (StaticCache)", *butler]
     assert rows[0]["ratio"] == 1.0 and rows[0]["ratio_range"] == [1.0, 1.0]  # per-round ratios of the baseline itself

@@ -63,6 +63,7 @@ def distill_fwd_kernel(
         ok = _valid(pad, i_b, o_t, o_s, m_t, m_s, T, HAS_PAD)
         b_n += tl.sum(ok.to(tl.float32), 1)
         if KL:
+            b_d = tl.where(ok, b_t - b_s, 0.0)  # before masking: -inf - -inf would be NaN in the masked lanes
             b_t = tl.where(ok, b_t, float("-inf"))
             b_s = tl.where(ok, b_s, float("-inf"))
             mt_new = tl.maximum(b_mt, tl.max(b_t, 1))
@@ -70,7 +71,7 @@ def distill_fwd_kernel(
             alpha = tl.exp(b_mt - mt_ref)
             b_p = tl.exp(b_t - mt_ref[:, None])
             b_lt = b_lt * alpha + tl.sum(b_p, 1)
-            b_acc = b_acc * alpha + tl.sum(tl.where(ok, b_p * (b_t - b_s), 0.0), 1)
+            b_acc = b_acc * alpha + tl.sum(b_p * b_d, 1)
             b_mt = mt_new
             ms_new = tl.maximum(b_ms, tl.max(b_s, 1))
             ms_ref = tl.where(ms_new == float("-inf"), 0.0, ms_new)
