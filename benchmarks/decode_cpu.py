@@ -94,7 +94,7 @@ def prefill(model, ids: torch.Tensor) -> tuple[DynamicCache, torch.Tensor]:
     for row in ids.split(1):
         cache = DynamicCache(config=model.config)
         with torch.no_grad():
-            logits = model(input_ids=row, **cache_argument(cache)).logits
+            logits = model(input_ids=row, **cache_argument(cache), logits_to_keep=1).logits  # [1, 1, V]
         rows.append(cache)
         firsts.append(logits[:, -1:].argmax(-1))
     if len(rows) == 1:

@@ -20,8 +20,14 @@ def test_kernels_benchmark_dry_run(tmp_path):
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernels.py"), "--dry-run", "--json", str(tmp_path / "k.json")],
                    check=True, env=env, capture_output=True, timeout=600)
     report = json.loads((tmp_path / "k.json").read_text())
-    assert report["copy_GBps"] > 0 and report["attention"][0]["ideal_speedup"] > 1
-    assert report["end_to_end"][0]["butler_seconds"] > 0
+    step = report["attention"][0]
+    assert report["copy_GBps"] > 0 and step["ideal_speedup"] > 1 and step["budget"] == 512 // 16
+    assert all(step[f] > 0 for f in ("dense_ms", "scoring_ms", "sparse_kernel_ms", "step_ms", "torch_step_ms"))
+    assert step["share_of_ideal"] == pytest.approx(step["speedup"] / step["ideal_speedup"])
+    rows = {row["config"]: row for row in report["end_to_end"]}
+    assert set(rows) == {"dense (DynamicCache)", "dense (StaticCache)", "butler 1/16"}
+    assert rows["dense (DynamicCache)"]["speedup_vs_DynamicCache"] == 1.0
+    assert rows["butler 1/16"]["ideal_speedup"] > 1 and all(r["tokens_per_s"] > 0 and r["batch"] == 2 for r in rows.values())
 
 
 def _run_script(name: str, *args: str) -> None:
