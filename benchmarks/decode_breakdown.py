@@ -41,7 +41,7 @@ from contextlib import ExitStack
 
 import torch
 from tqdm.auto import tqdm
-from transformers import DynamicCache, StaticCache
+from transformers import StaticCache
 
 from butler_cache import ButlerCache, ButlerPredictor, default_predictor_path
 from butler_cache.cache import ButlerLayer
@@ -101,6 +101,13 @@ def step_bytes(model, butler: ButlerCache, context: int) -> dict[str, int]:
         out["importance_keys"] += keys.shape[0] * keys.shape[1] * context * keys.shape[3] * keys.element_size()
         out["selected_rows"] += B * H * butler.settings.budget.max_selected(context) * (D + Dv) * size
     return out
+
+
+def step_totals(read: dict[str, int]) -> tuple[int, int]:
+    """The bytes of a dense step and of a butler step from `step_bytes`: (weights + all K/V, weights + the K/V of the
+    dense layers + importance keys + selected rows + predictor)."""
+    butler = ("butler_dense_kv", "importance_keys", "selected_rows", "predictor")
+    return read["weights"] + read["dense_kv"], read["weights"] + sum(read[k] for k in butler)
 
 
 @torch.no_grad()
@@ -163,9 +170,7 @@ def main() -> None:
     model, _ = load_default_model()
     predictor = ButlerPredictor.from_pretrained(default_predictor_path())
     ids = torch.randint(100, 40000, (1, args.context), generator=torch.Generator().manual_seed(args.context))
-    prefilled = DynamicCache(config=model.config)
-    with torch.no_grad():
-        first = model(input_ids=ids, **cache_argument(prefilled)).logits[:, -1:].argmax(-1)
+    prefilled, first = bench.prefill(model, ids)
     length = args.context + args.steps + 2
     caches = {
         "dense (StaticCache)": bench.copy_into(StaticCache(config=model.config, max_cache_len=length), prefilled),
@@ -212,9 +217,7 @@ def main() -> None:
     for row in rows:
         print(f"| {row['config']} | " + " | ".join(f"{row[c]:.1f}" if c in row else "" for c in columns) + " |")
     bytes_read = step_bytes(model, butler, args.context)
-    dense_total = bytes_read["weights"] + bytes_read["dense_kv"]
-    butler_total = bytes_read["weights"] + sum(
-        bytes_read[k] for k in ("butler_dense_kv", "importance_keys", "selected_rows", "predictor"))
+    dense_total, butler_total = step_totals(bytes_read)
     step_ms = {row["config"]: row["step"] for row in rows}
     floor = {"dense_MB": dense_total / 1e6, "butler_MB": butler_total / 1e6, "floor_ratio": butler_total / dense_total,
              "measured_ratio": step_ms["butler"] / step_ms["dense (StaticCache)"],

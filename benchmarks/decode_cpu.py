@@ -154,12 +154,17 @@ def time_steps(model, cache, token, steps: int, watch: Stopwatch | None, attenti
     """Per-step ms, predictor shares and ms inside attention (0 without ``attention``) of ``steps`` decode
     steps, and the next token."""
     attention = attention or Stopwatch()
+    cuda = token.device.type == "cuda"  # (benchmarks/kernels.py times GPU decoding with these helpers)
     ms, shares, attention_ms = [], [], []
     for _ in range(steps):
         before, attention_before = (watch.seconds if watch else 0.0), attention.seconds
+        if cuda:
+            torch.cuda.synchronize()
         start = time.perf_counter()
         with torch.no_grad():
             logits = model(input_ids=token, **cache_argument(cache)).logits
+        if cuda:
+            torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
         ms.append(elapsed * 1e3)
         shares.append(((watch.seconds - before) / elapsed) if watch else 0.0)

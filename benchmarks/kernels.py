@@ -14,8 +14,9 @@
 4. End-to-end decode of a randomly initialised Llama-3.2-1B-shaped model at 16k and 32k, batch 8: the prompts
    prefilled once (dense, one sequence at a time), then `DynamicCache`, `StaticCache` and `ButlerCache` (untrained
    predictor, 1/16 budget) copies of that cache taking turns for ``--rounds`` rounds of ``--steps`` decode steps
-   each (prefill not timed); tokens/s and ratios (median over rounds of the per-round ratio), with the byte-bound
-   ideal of the whole step (`decode_breakdown.step_bytes`: weights + K/V against weights + what the butler step reads).
+   each (prefill not timed; `decode_cpu.interleaved`, synchronised per step); tokens/s and speedups (the inverse of the
+   median over rounds of the per-round ratio of median step times), with the byte-bound
+   ideal of the whole step (`decode_breakdown.step_totals`: weights + K/V against weights + what the butler step reads).
 
 Every figure carries its batch, dtype, context and ideal. The kernels are checked against their references before
 they are timed (a mismatch stops the run).
@@ -34,16 +35,13 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import statistics  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
 from transformers import DynamicCache, StaticCache  # noqa: E402
 
 from butler_cache import ButlerCache, ButlerConfig, ButlerPredictor  # noqa: E402
 from butler_cache.budget import TokenBudget  # noqa: E402
-from butler_cache.compat import cache_argument  # noqa: E402
 from butler_cache.kernels import sparse_attention  # noqa: E402
 from butler_cache.kernels.scoring import score_reference  # noqa: E402
 from butler_cache.kernels.sparse_attention import sparse_attention_naive  # noqa: E402
@@ -56,11 +54,6 @@ def _sibling(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def bench(fn, device: torch.device, reps: int) -> float:
@@ -171,29 +164,15 @@ def end_to_end(model, batch, context, steps, rounds, fraction, backend) -> list[
         f"butler 1/{fraction}": decode_cpu.copy_into(butler, prefilled),
     }
     del prefilled
-    read = decode_breakdown.step_bytes(model, butler, context)
-    dense_bytes = read["weights"] + read["dense_kv"]
-    butler_bytes = dense_bytes - read["dense_kv"] + sum(read[p] for p in
-                                                        ("butler_dense_kv", "importance_keys", "selected_rows", "predictor"))
-    tokens = dict.fromkeys(caches, first)
-    seconds: dict[str, list[float]] = {name: [] for name in caches}
-    for _ in tqdm(range(rounds), desc=f"decode rounds at {context}", leave=False):
-        for name, cache in caches.items():
-            _sync(device)
-            start = time.perf_counter()
-            for _ in range(steps):
-                logits = model(input_ids=tokens[name], **cache_argument(cache)).logits
-                tokens[name] = logits[:, -1:].argmax(-1)
-            _sync(device)
-            seconds[name].append((time.perf_counter() - start) / steps)
+    dense_bytes, butler_bytes = decode_breakdown.step_totals(decode_breakdown.step_bytes(model, butler, context))
+    times = decode_cpu.interleaved(model, caches, first, steps, rounds, timed=set())  # ms per step, per round
     rows = []
-    for name, per_round in seconds.items():
-        ms = statistics.median(per_round) * 1e3
+    for name in caches:
+        ms = decode_cpu.summarise(times[name], times["dense (DynamicCache)"])[0]
         row = {"batch": batch, "context": context, "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
                "config": name, "ms_per_step": ms, "tokens_per_s": batch / ms * 1e3}
-        for baseline in ("dense (DynamicCache)", "dense (StaticCache)"):
-            ratios = [b / t for t, b in zip(per_round, seconds[baseline], strict=True)]
-            row[f"speedup_vs_{baseline.split('(')[1][:-1]}"] = statistics.median(ratios)
+        for baseline in ("DynamicCache", "StaticCache"):  # speedup: 1 / the median per-round time ratio
+            row[f"speedup_vs_{baseline}"] = 1 / decode_cpu.summarise(times[name], times[f"dense ({baseline})"])[1]
         row["ideal_speedup"] = dense_bytes / butler_bytes if name.startswith("butler") else 1.0
         rows.append(row)
     return rows

@@ -33,7 +33,6 @@ import torch
 from transformers import DynamicCache, StaticCache
 
 from butler_cache import ButlerCache, ButlerPredictor, default_predictor_path
-from butler_cache.compat import cache_argument
 from butler_cache.default_model import load_default_model
 from butler_cache.evaluation import decode_perplexity
 from butler_cache.training.data import TokenChunks
@@ -111,9 +110,7 @@ def main() -> None:
 
     rows = []
     ids = torch.randint(100, 40000, (1, args.context), generator=torch.Generator().manual_seed(args.context))
-    prefilled = DynamicCache(config=model.config)
-    with torch.no_grad():
-        first = model(input_ids=ids, **cache_argument(prefilled)).logits[:, -1:].argmax(-1)
+    prefilled, first = bench.prefill(model, ids)
     length = args.context + args.rounds * args.steps + 1
     caches = {"dense (DynamicCache)": bench.copy_into(DynamicCache(config=model.config), prefilled),
               "dense (StaticCache)": bench.copy_into(StaticCache(config=model.config, max_cache_len=length), prefilled)}

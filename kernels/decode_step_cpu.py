@@ -151,6 +151,7 @@ def _decode_step_kernel(qi, qi_scale, ik, ik_b, ik_h, ik_l, ik_e, ik_g, q, k, k_
 
 
 NO_SCORES = np.empty((1, 1), np.float32)  # the kernel's ``scores`` where a step neither keeps nor reuses a prediction
+NO_QUERIES = np.zeros((1, 1, 1, 1), np.float32)  # its importance queries where a step reuses a prediction (not read)
 
 
 def butler_decode_cpu(
@@ -199,7 +200,7 @@ def butler_decode_cpu(
             raise ValueError(f"reuse_scores must be float32 [B, H, 1, L' <= L] = [{B}, {H}, 1, <= {L}], got "
                              f"{reuse_scores.dtype} {tuple(reuse_scores.shape)}")
         scores = reuse_scores.reshape(B * H, -1).contiguous().numpy()
-        queries = np.zeros((B, HQ, 1, 1), np.float32)  # not read
+        queries = NO_QUERIES
     else:
         if importance_queries is None or importance_queries.shape[2] != 1:
             raise ValueError("butler_decode_cpu scores with one row of importance queries [B, HQ, 1, d'] per sequence")

@@ -27,6 +27,10 @@ from .numba_step import NumbaDecodeStep
 from .policies import SelectionPolicy, make_policy
 from .predictor import ButlerPredictor, LayerInput
 
+# A fused decode call as `ButlerLayer.fused_decode` runs it: (kept prediction or None, keep this step's) ->
+# (attention output [B, 1, HQ, Dv], this step's prediction [B, H_kv, 1, L] or None), or None where it cannot serve.
+FusedDecode = Callable[[torch.Tensor | None, bool], tuple[torch.Tensor, torch.Tensor | None] | None]
+
 # The ButlerLayer whose `update` ran last and whose attention has not run yet. The attention function
 # reads it to find the cache layer of the call (it is given neither the cache nor the layer).
 ACTIVE_LAYER: ContextVar[ButlerLayer | None] = ContextVar("butler_cache_active_layer", default=None)
@@ -126,6 +130,27 @@ class ButlerLayer(GrowingLayer):
             fresh = last.new_full((*last.shape[:-1], kv_len - last.shape[-1]), float("inf"))
             return torch.cat([last, fresh], dim=-1)
         return self.keep_scores(score())
+
+    def fused_decode(self, kv_heads: int, kv_len: int, run: FusedDecode) -> torch.Tensor | None:
+        """`decode_scores` for a call that scores, selects and attends at once (the numba CPU step): ``run(kept,
+        keep)`` gets the kept prediction to reuse (float32 ``[B, H_kv, 1, L' <= kv_len]``; None: score afresh) and
+        whether to return this step's prediction, and returns ``(out, scores or None)``, or None where it cannot
+        serve. None also where the kept prediction has another form (the general path reuses it)."""
+        keeping = self.settings.prediction_interval > 1
+        kept = self.last_scores if keeping and self.reuses_scores() else None  # [B, H_kv, 1, L'] or None
+        if kept is not None and (
+            kept.dtype != torch.float32 or kept.shape[:3] != (self.keys.shape[0], kv_heads, 1) or kept.shape[3] > kv_len
+        ):
+            return None
+        result = run(kept, keeping and kept is None)
+        if result is None:
+            return None
+        out, scores = result
+        if kept is not None:
+            self.reuse_scores()
+        elif keeping:
+            self.keep_scores(scores)
+        return out
 
     def reuse_scores(self) -> torch.Tensor:
         """The kept prediction, counted as serving one more decode step (call where `reuses_scores`)."""

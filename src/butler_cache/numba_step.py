@@ -56,7 +56,6 @@ class NumbaDecodeStep:
         self._key_rows, self._value_rows = self._flat[0][:4], self._flat[1][:4]
         self._importance_keys = (*self._flat[2], 0)
         self._importance_scale = np.float32(layer.predictor.config.score_scale)
-        self._no_importance_queries = np.zeros((B, HQ, 1, 1), np.float32)  # what a step reusing a prediction passes
         self._threads = threads
 
     @classmethod
@@ -160,26 +159,23 @@ class NumbaDecodeStep:
 
     def _attend_with_interval(self, kernels, layer: ButlerLayer, query: torch.Tensor, scale: float, L: int, n: int,
                               sinks: int, window: int, splits: tuple[int, int], out: np.ndarray) -> torch.Tensor | None:
-        """`attend` with a prediction interval or neighbour fetching: a step that reuses the kept prediction
-        scores nothing; one that predicts keeps its scores ``[B, H, 1, L]`` for the next steps."""
+        """`attend` with a prediction interval or neighbour fetching (`ButlerLayer.fused_decode`): a step that reuses
+        the kept prediction scores nothing; one that predicts keeps its scores ``[B, H, 1, L]`` for the next steps."""
         B, H = self._heads
-        kept, keeping = layer.last_scores, layer.settings.prediction_interval > 1
-        reuse = keeping and layer.reuses_scores()
-        if reuse:
-            if kept.dtype is not torch.float32 or kept.shape[:3] != (B, H, 1) or kept.shape[3] > L:
-                return None
-            queries, scores = self._no_importance_queries, kept.contiguous().numpy().reshape(B * H, kept.shape[3])
-        else:
-            queries = self._importance_queries(layer)
-            if queries is None:
-                return None
-            kept = torch.empty(B, H, 1, L) if keeping else None
-            scores = kept.numpy().reshape(B * H, L) if keeping else kernels.NO_SCORES
-        kernels.decode_step_flat(queries, self._importance_scale, self._importance_keys, query.numpy(), self._key_rows,
-                                 self._value_rows, L, sinks, window, n, np.float32(scale), splits, out, scores,
-                                 kept.shape[3] if reuse else 0, keeping and not reuse, layer.settings.neighbor_fetch)
-        if reuse:
-            layer.reuse_scores()
-        elif keeping:
-            layer.keep_scores(kept)
-        return torch.from_numpy(out).view(self._result_shape)
+
+        def run(kept: torch.Tensor | None, keep: bool):
+            new = torch.empty(B, H, 1, L) if keep else None
+            if kept is not None:
+                queries, scores = kernels.NO_QUERIES, kept.contiguous().numpy().reshape(B * H, kept.shape[3])
+            else:
+                queries = self._importance_queries(layer)
+                if queries is None:
+                    return None
+                scores = new.numpy().reshape(B * H, L) if keep else kernels.NO_SCORES
+            kernels.decode_step_flat(queries, self._importance_scale, self._importance_keys, query.numpy(),
+                                     self._key_rows, self._value_rows, L, sinks, window, n, np.float32(scale), splits,
+                                     out, scores, 0 if kept is None else kept.shape[3], keep,
+                                     layer.settings.neighbor_fetch)
+            return torch.from_numpy(out).view(self._result_shape), new
+
+        return layer.fused_decode(H, L, run)

@@ -20,61 +20,53 @@ class ButlerPolicy(SelectionPolicy):
     name = "butler"
     requires_predictor = True
 
-    def _numba_budget(self, inputs: ScoringInputs, budget: TokenBudget, scoring: bool = True) -> int | None:
-        """The row budget when the numba CPU kernels can serve this decode step, else None (the PyTorch path
-        runs, and `score` raises on out-of-sync predictor state). ``scoring=False``: a step that reuses a kept
-        prediction, which reads neither the importance queries nor the importance keys."""
-        layer = inputs.layer
-        if resolve_backend(layer.settings.backend, inputs.key.device) != "numba":
+    def _numba_budget(self, inputs: ScoringInputs, budget: TokenBudget) -> int | None:
+        """The row budget when the numba CPU kernels can serve this decode step (numba backend, no padding, a
+        budget below the context), else None (the PyTorch path runs)."""
+        if resolve_backend(inputs.layer.settings.backend, inputs.key.device) != "numba":
             return None  # checked first: the default paths pay one call per layer
         L = inputs.key.shape[2]
         n = budget.max_selected(L)
-        if not inputs.all_valid or n >= L:
-            return None
-        if not scoring:
-            return n
-        queries, keys = layer.importance_queries, layer.importance_keys
-        if (
-            queries is None
-            or keys is None
-            or keys.shape[2] != L
-            or keys.dtype != torch.float32
+        return n if inputs.all_valid and n < L else None
+
+    @staticmethod
+    def _numba_scorable(inputs: ScoringInputs) -> bool:
+        """Whether the importance queries and keys are in the numba kernels' form (else the PyTorch path runs, and
+        `score` raises on out-of-sync predictor state)."""
+        queries, keys = inputs.layer.importance_queries, inputs.layer.importance_keys
+        return (
+            queries is not None
+            and keys is not None
+            and keys.shape[2] == inputs.key.shape[2]
+            and keys.dtype == torch.float32
             # importance keys per KV head (strided predictor) or per query head (attentive)
-            or keys.shape[1] not in (inputs.num_key_value_heads, queries.shape[1])
-        ):
-            return None
-        return n
+            and keys.shape[1] in (inputs.num_key_value_heads, queries.shape[1])
+        )
 
     def attend_decode(self, inputs: ScoringInputs, value: torch.Tensor, budget: TokenBudget) -> torch.Tensor | None:
         """On CPUs with the numba backend: the whole decode step of the layer in one compiled call, with the
-        cache's prediction interval (a step keeps its prediction in ``layer.last_scores`` or reuses the kept one,
-        as `ButlerLayer.decode_scores` does) and neighbour fetching."""
-        layer = inputs.layer
-        settings = layer.settings
-        keeping = settings.prediction_interval > 1
-        kept = layer.last_scores if keeping and layer.reuses_scores() else None  # [B, H_kv, 1, L'] or None
-        n = self._numba_budget(inputs, budget, scoring=kept is None)
+        cache's prediction interval (`ButlerLayer.fused_decode`) and neighbour fetching."""
+        n = self._numba_budget(inputs, budget)
         if n is None or not numba_serves(inputs.query, inputs.key, value):
             return None
-        B, H, L = inputs.key.shape[0], inputs.num_key_value_heads, inputs.key.shape[2]
-        if kept is not None and (kept.dtype != torch.float32 or kept.shape[:3] != (B, H, 1) or kept.shape[3] > L):
-            return None  # a prediction kept in another form (the general path knows what to do with it)
-        result = numba_module("decode_step_cpu").butler_decode_cpu(
-            layer.importance_queries, layer.importance_keys, layer.predictor.config.score_scale,
-            inputs.query, inputs.key, value, inputs.scaling, budget.sink_tokens, budget.local_window, n,
-            reuse_scores=kept, return_scores=keeping and kept is None, neighbours=settings.neighbor_fetch,
-        )
-        if kept is not None:
-            layer.reuse_scores()
-        elif keeping:
-            result, scores = result  # scores [B, H_kv, 1, L]
-            layer.keep_scores(scores)
-        return result  # [B, 1, HQ, Dv]
+        layer = inputs.layer
+
+        def run(kept: torch.Tensor | None, keep: bool):
+            if kept is None and not self._numba_scorable(inputs):  # a reusing step reads no importance state
+                return None
+            result = numba_module("decode_step_cpu").butler_decode_cpu(
+                layer.importance_queries, layer.importance_keys, layer.predictor.config.score_scale,
+                inputs.query, inputs.key, value, inputs.scaling, budget.sink_tokens, budget.local_window, n,
+                reuse_scores=kept, return_scores=keep, neighbours=layer.settings.neighbor_fetch,
+            )  # [B, 1, HQ, Dv], with this step's prediction [B, H_kv, 1, L] where `keep`
+            return result if keep else (result, None)
+
+        return layer.fused_decode(inputs.num_key_value_heads, inputs.key.shape[2], run)
 
     def select_decode(self, inputs: ScoringInputs, budget: TokenBudget) -> Selection | None:
         """On CPUs with the numba backend: scoring and top-k in one compiled pass per KV head."""
         n = self._numba_budget(inputs, budget)
-        if n is None:
+        if n is None or not self._numba_scorable(inputs):
             return None
         layer = inputs.layer
         indices = numba_module("scoring.cpu").score_select_decode_cpu(
