@@ -6,8 +6,8 @@
 
 The loss lives in `DistillationModel` (its forward returns ``{"loss": ...}``); the callback freezes
 the base model, saves the predictor (never the LLM) at every checkpoint with ``save_pretrained``,
-adds token-hit accuracy and recall@k (last query row, per KV head, this process's batches) to the
-logs and ``state.log_history``, and stops cleanly on a non-finite loss or when a time budget runs
+adds token-hit accuracy and recall@k (last query row, per KV head, this process's batches) and the
+process's peak resident memory (``peak_rss_mb``) to the logs and ``state.log_history``, and stops cleanly on a non-finite loss or when a time budget runs
 out. Callbacks run in order: put this one first (as ``butler-cache train`` does) for the progress
 bar to print its metrics too.
 """
@@ -21,6 +21,7 @@ from pathlib import Path
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.utils import logging
 
+from butler_cache.training.memory import peak_rss_mb
 from butler_cache.training.module import DistillationModel
 
 logger = logging.get_logger(__name__)
@@ -59,6 +60,8 @@ class ButlerDistillationCallback(TrainerCallback):
 
     def on_log(self, args, state: TrainerState, control: TrainerControl, logs=None, model=None, **kw):
         metrics = _distillation_model(model).pop_metrics()
+        if metrics:
+            metrics["peak_rss_mb"] = round(peak_rss_mb(), 1)
         if logs is not None:
             logs.update(metrics)
         if state.log_history:

@@ -157,7 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="distil a predictor for a model with the transformers Trainer")
     train.add_argument("--model", default="default", help="'default' (embedded SmolLM2-135M-Instruct), a folder or a Hub id")
-    train.add_argument("--data", nargs="+", required=True, help="text files, a saved `datasets` folder or a dataset id")
+    train.add_argument("--data", nargs="+", required=True,
+                       help="sources of the mix: text files, folders, globs, JSONL files (a 'text' field or a "
+                            "'messages' chat), folders saved by `datasets`, or dataset ids")
+    train.add_argument("--data-weights", nargs="+", type=float, default=None,
+                       help="one weight per --data source (the mix's row shares); default: each source's size")
+    train.add_argument("--text-field", default="text", help="the text field of JSONL rows and datasets")
     train.add_argument("--output", required=True, help="folder for the predictor (checkpoints go to OUTPUT/checkpoints)")
     train.add_argument("--seq-len", type=int, default=512)
     train.add_argument("--steps", type=int, default=300)
@@ -172,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--attentive-hidden-size", type=int, default=128)
     train.add_argument("--attentive-num-heads", type=int, default=4)
     train.add_argument("--block-size", type=int, default=128, help="query rows per block of the streamed loss")
-    train.add_argument("--max-chunks", type=int, default=None, help="use at most this many training chunks")
+    train.add_argument("--max-chunks", type=int, default=None,
+                       help="rows in the mix (sources repeat if needed); default: the largest mix without repeats")
     train.add_argument("--save-steps", type=int, default=100)
     train.add_argument("--logging-steps", type=int, default=10)
     train.add_argument("--max-minutes", type=float, default=None, help="stop cleanly after this long")

@@ -1,4 +1,4 @@
-"""Training text as fixed-length token chunks: from text files, a saved `datasets` dataset, or the Hub."""
+"""Fixed-length token chunks (`TokenChunks`), the rows that training and evaluation iterate over."""
 
 from __future__ import annotations
 
@@ -21,12 +21,18 @@ def tokenize_text(text: str, tokenizer) -> torch.Tensor:
 
 
 class TokenChunks(Dataset):
-    """Consecutive, non-overlapping chunks of ``seq_len`` tokens; items are ``{"input_ids", "attention_mask"}``."""
+    """Rows of ``seq_len`` tokens; items are ``{"input_ids", "attention_mask"}``.
 
-    def __init__(self, input_ids: torch.Tensor):
+    ``attention_mask`` (``[N, seq_len]``, 1 = real token) marks a packed row's padded tail; all ones when
+    not given.
+    """
+
+    def __init__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
         if input_ids.dim() != 2 or input_ids.shape[0] == 0:
             raise ValueError(f"expected a non-empty [N, seq_len] tensor of token ids, got shape {tuple(input_ids.shape)}")
-        self.input_ids = input_ids
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask {tuple(attention_mask.shape)} and input_ids {tuple(input_ids.shape)} differ")
+        self.input_ids, self.attention_mask = input_ids, attention_mask
 
     @classmethod
     def from_token_stream(cls, ids: torch.Tensor, seq_len: int, max_chunks: int | None = None) -> TokenChunks:
@@ -44,32 +50,23 @@ class TokenChunks(Dataset):
     @classmethod
     def from_source(cls, source: str | Sequence[str], tokenizer, seq_len: int, *, max_chunks: int | None = None,
                     split: str = "train", text_column: str = "text") -> TokenChunks:
-        """Text files (one or several paths), a folder saved by `datasets.save_to_disk`, or a `datasets` Hub id."""
+        """Evaluation chunks from text files (joined by newlines) or any `sources.DataSource` path (a folder,
+        glob, JSONL file, saved dataset or dataset id); whole chunks only, the tail is dropped."""
+        from .sources import DataSource, load_documents
+
         sources = [source] if isinstance(source, str) else list(source)
         paths = [Path(s) for s in sources]
-        if all(p.is_file() for p in paths):
+        if all(p.is_file() and p.suffix != ".jsonl" for p in paths):
             return cls.from_texts([p.read_text(encoding="utf-8") for p in paths], tokenizer, seq_len, max_chunks)
-        if len(sources) != 1:
-            missing = [str(p) for p in paths if not p.is_file()]
-            raise FileNotFoundError(f"not text files: {missing}")
-        try:
-            import datasets
-        except ImportError as err:
-            raise FileNotFoundError(
-                f"{sources[0]!r} is not a text file, and reading `datasets` datasets needs `pip install datasets`"
-            ) from err
-        if paths[0].is_dir():
-            data = datasets.load_from_disk(str(paths[0]))
-            data = data[split] if isinstance(data, datasets.DatasetDict) else data
-        else:
-            data = datasets.load_dataset(sources[0], split=split)
-        if text_column not in data.column_names:
-            raise ValueError(f"dataset {sources[0]!r} has no column {text_column!r}; columns: {data.column_names}")
-        return cls.from_texts(list(data[text_column]), tokenizer, seq_len, max_chunks)
+        texts: list[str] = []
+        for s in sources:
+            texts += load_documents(DataSource(s, text_field=text_column, split=split), tokenizer)["text"]
+        return cls.from_texts(texts, tokenizer, seq_len, max_chunks)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         ids = self.input_ids[i]
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        mask = torch.ones_like(ids) if self.attention_mask is None else self.attention_mask[i]
+        return {"input_ids": ids, "attention_mask": mask}

@@ -10,8 +10,10 @@ import torch
 
 from ..config import ButlerConfig
 from ..predictor import ButlerPredictor
-from .data import TokenChunks
+from .memory import peak_rss_mb
+from .mixture import build_mixture
 from .module import DistillationModel
+from .sources import DataSource
 
 
 @dataclass
@@ -20,6 +22,8 @@ class TrainRecipe:
 
     data: list[str]
     output: str
+    data_weights: list[float] | None = None  # one per source; None: each source in its natural proportion
+    text_field: str = "text"
     model: str = "default"
     seq_len: int = 512
     steps: int = 300
@@ -44,6 +48,13 @@ class TrainRecipe:
     init_from: str | None = None
     max_minutes: float | None = None
     extra: dict = field(default_factory=dict)
+
+    def sources(self) -> list[DataSource]:
+        if self.data_weights is not None and len(self.data_weights) != len(self.data):
+            raise ValueError(f"{len(self.data_weights)} data weights {self.data_weights} for {len(self.data)} sources "
+                             f"{self.data}: give one weight per source")
+        weights = self.data_weights or [None] * len(self.data)
+        return [DataSource(path, weight=w, text_field=self.text_field) for path, w in zip(self.data, weights, strict=True)]
 
     def predictor_config(self, model) -> ButlerConfig:
         return ButlerConfig.for_model(
@@ -84,7 +95,8 @@ def train_predictor(recipe: TrainRecipe, model=None, tokenizer=None) -> ButlerPr
     # the saved config records the whole history: this recipe plus the one it continued
     lineage = {"continued_from": predictor.config.training or {}} if recipe.init_from else {}
     predictor.config.training = {}
-    chunks = TokenChunks.from_source(recipe.data, tokenizer, recipe.seq_len, max_chunks=recipe.max_chunks)
+    mix = build_mixture(recipe.sources(), tokenizer, recipe.seq_len, total_rows=recipe.max_chunks, seed=recipe.seed)
+    chunks = mix.chunks
     distil = DistillationModel(model, predictor, loss=recipe.loss, block_size=recipe.block_size)
     output = Path(recipe.output)
     args = TrainingArguments(
@@ -122,6 +134,8 @@ def train_predictor(recipe: TrainRecipe, model=None, tokenizer=None) -> ButlerPr
             "steps_done": trainer.state.global_step,
             "train_seconds": round(seconds, 1),
             "train_chunks": len(chunks),
+            "data_mix": mix.describe(),
+            "peak_rss_mb": round(peak_rss_mb(), 1),
             "final_loss": history[-1]["loss"] if history else result.training_loss,
             "final_metrics": {k: v for k, v in (history[-1] if history else {}).items() if k.startswith(("token_hits", "recall@"))},
         }
