@@ -90,3 +90,44 @@ def test_predictor_quality_script_runs(tmp_path):
     shipped = report["results"][-1]
     assert report["local_windows"] == [1, 8] and set(shipped["perplexity"]) == {"1", "8"}
     assert 0.0 <= shipped["per_kv_head/token_hits"] <= 1.0 and shipped["perplexity"]["1"] > 1
+
+
+def test_domains_script_measures_every_policy_per_domain(tmp_path):
+    """domains.py on a tiny model and two toy domains: every metric of every policy, then --update with a
+    second predictor keeps the baselines' rows and adds its own."""
+    from butler_cache import ButlerConfig, ButlerPredictor
+
+    from .conftest import tiny_model
+    from .test_eval_command import WORDS
+    from .test_evaluation import _word_tokenizer
+
+    model = tiny_model("llama", seed=0)
+    model.save_pretrained(tmp_path / "model")
+    _word_tokenizer(WORDS + [str(d) for d in range(10)]).save_pretrained(tmp_path / "model")
+    for seed in (1, 2):
+        ButlerPredictor(ButlerConfig.for_model(model, layer_stride=2)).save_pretrained(tmp_path / f"p{seed}")
+    (tmp_path / "held").mkdir()
+    for d, name in enumerate(["prose", "code"]):
+        lines = [" ".join(WORDS[(i * (3 + d)) % len(WORDS):][:5]) + f" {i % 10}\n" for i in range(300)]
+        (tmp_path / "held" / f"{name}.txt").write_text("".join(lines))
+    common = ["--heldout", str(tmp_path / "held"), "--model", str(tmp_path / "model"), "--seq-len", "48",
+              "--chunks", "2", "--hit-chunks", "1", "--length", "120", "--token-budget", "24", "--examples", "2",
+              "--json", str(tmp_path / "d.json")]
+    _run_script("domains.py", *common, "--predictor", str(tmp_path / "p1"), "--policies", "dense,oracle,butler,h2o,quest",
+                "--longctx-policies", "dense,butler,streaming", "--plot", str(tmp_path / "d.png"))
+    rows = json.loads((tmp_path / "d.json").read_text())["rows"]
+    for domain in ("prose", "code"):
+        mine = [r for r in rows if r["domain"] == domain]
+        ppl = {(r["label"], r["sparsity"], r["local_window"]) for r in mine if r["metric"] == "perplexity"}
+        assert ppl == {("dense", None, None)} | {(p, s, w) for p in ("oracle", "butler", "h2o", "quest")
+                                                 for s in (0.5, 0.8) for w in (1, 16)}
+        assert {r["label"] for r in mine if r["metric"] == "token_hits"} == {"oracle", "butler", "h2o", "quest"}
+        assert next(r["value"] for r in mine if r["metric"] == "token_hits" and r["label"] == "oracle") == 1.0
+        for task in ("passkey", "multikey_needle"):
+            assert {r["label"] for r in mine if r["metric"] == task} == {"dense", "butler", "streaming"}
+    assert (tmp_path / "d.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    _run_script("domains.py", *common, "--predictor", str(tmp_path / "p2"), "--label", "second", "--policies", "butler",
+                "--longctx-policies", "butler", "--windows", "1", "--sparsity", "0.5", "--update")
+    updated = json.loads((tmp_path / "d.json").read_text())["rows"]
+    assert len(updated) == len(rows) + 2 * (1 + 1 + 2)  # per domain: one perplexity, hits, two long-context tasks
+    assert {r["predictor"] for r in updated if r["label"] == "second"} == {str(tmp_path / "p2")}

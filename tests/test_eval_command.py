@@ -81,6 +81,30 @@ def test_generators_are_deterministic_and_varied(model_dir):
         assert all(answer in first[0].prompt for answer in first[0].answers)
 
 
+def test_real_text_haystacks(model_dir):
+    """With a haystack, the prompt is one contiguous run of its lines with the needles between them."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    lines = [" ".join(WORDS[(i * 7) % len(WORDS):][:6]) + f" {i % 10}\n" for i in range(400)]
+    haystack = "".join(lines)
+    for task in TASKS:
+        examples = make_longctx_examples(tokenizer, task, 300, 4, seed=3, haystack=haystack)
+        assert examples == make_longctx_examples(tokenizer, task, 300, 4, seed=3, haystack=haystack)
+        assert examples != make_longctx_examples(tokenizer, task, 300, 4, seed=3)  # not the filler
+        for ex in examples:
+            assert all(answer in ex.prompt for answer in ex.answers)
+            body = ex.prompt.splitlines(keepends=True)[:-1]  # the question is the last line
+            kept = [line for line in body if line in lines]
+            assert len(body) - len(kept) == {"passkey": 1, "multikey_needle": 4, "variable_tracking": 4}[task]
+            first = lines.index(kept[0])
+            assert kept == lines[first : first + len(kept)]  # a contiguous window of the haystack
+            assert 240 <= len(tokenizer(ex.prompt)["input_ids"]) <= 360, task
+        assert len({ex.prompt.splitlines()[0] for ex in examples}) > 1  # windows start at different lines
+    with pytest.raises(ValueError, match="fewer than the"):
+        make_longctx_examples(tokenizer, "passkey", 5000, 1, haystack=haystack)
+
+
 def test_shared_prefill_decodes_what_generate_decodes(model_dir):
     """One dense prefill copied into every cache gives each policy the answers of its own model.generate."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -36,6 +36,8 @@ def add_eval_parser(sub) -> None:
     ev.add_argument("--examples", type=int, default=200, help="coref / longctx examples per setting")
     ev.add_argument("--lengths", default="1024,2048,4096,8192", help="longctx context lengths")
     ev.add_argument("--tasks", default=",".join(TASKS), help="longctx tasks")
+    ev.add_argument("--haystack", default=None,
+                    help="longctx: a text file whose lines hide the needles (default: RULER's repeated filler)")
     ev.add_argument("--model", default="default")
     ev.add_argument("--predictor", default=None, help="predictor folder or Hub id (default: the shipped one)")
     ev.add_argument("--sink-tokens", type=int, default=4)
@@ -130,9 +132,10 @@ def run_longctx(args, model, tokenizer, policies, predictor) -> list[dict]:
     results = []
     budgets = _ints(args.token_budget or "256")
     window = _local_window(args, 16)
+    haystack = Path(args.haystack).read_text(encoding="utf-8") if args.haystack else None
     for task in [t for t in args.tasks.split(",") if t]:
         for length in _ints(args.lengths):
-            examples = make_longctx_examples(tokenizer, task, length, args.examples, seed=args.seed)
+            examples = make_longctx_examples(tokenizer, task, length, args.examples, seed=args.seed, haystack=haystack)
             # every policy and budget decodes from one dense prefill per example where it can
             factories = {(policy, budget): cache_factory(model, policy, predictor=predictor, token_budget=budget,
                                                          sink_tokens=args.sink_tokens, local_window=window)
