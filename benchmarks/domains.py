@@ -44,10 +44,6 @@ LONGCTX_TASKS = ("passkey", "multikey_needle")
 KEY_FIELDS = ("domain", "metric", "label", "sparsity", "local_window", "token_budget", "length")
 
 
-def evenly_spaced(chunks: TokenChunks, n: int) -> TokenChunks:
-    idx = torch.linspace(0, len(chunks) - 1, steps=min(n, len(chunks))).round().long()
-    return TokenChunks(chunks.input_ids[idx])
-
 
 def row_key(row: dict) -> tuple:
     return tuple(row.get(k) for k in KEY_FIELDS)
@@ -59,7 +55,7 @@ def measure_domain(args, model, tokenizer, predictor, domain: str, text: str) ->
     base = {"domain": domain}
     rows: list[dict] = []
     chunks = TokenChunks.from_texts([text], tokenizer, args.seq_len)
-    ppl_chunks, hit_chunks = evenly_spaced(chunks, args.chunks), evenly_spaced(chunks, args.hit_chunks)
+    ppl_chunks, hit_chunks = chunks.evenly_spaced(args.chunks), chunks.evenly_spaced(args.hit_chunks)
     policies = [p for p in args.policies.split(",") if p]
     settings = [(int(w), float(s)) for w in args.windows.split(",") for s in args.sparsity.split(",")]
     runs = [("dense", None, None)] if "dense" in policies else []  # no budget: once per domain

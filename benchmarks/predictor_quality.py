@@ -33,10 +33,6 @@ from butler_cache.training.data import TokenChunks
 DEFAULT_TEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2" / "test.txt"
 
 
-def evenly_spaced(chunks: TokenChunks, n: int) -> TokenChunks:
-    idx = torch.linspace(0, len(chunks) - 1, steps=min(n, len(chunks))).round().long()
-    return TokenChunks(chunks.input_ids[idx])
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -53,7 +49,7 @@ def main() -> None:
     torch.manual_seed(0)
     model, tokenizer = load_default_model()
     all_chunks = TokenChunks.from_source(args.text_file, tokenizer, args.seq_len)
-    ppl_chunks, hit_chunks = evenly_spaced(all_chunks, args.chunks), evenly_spaced(all_chunks, args.hit_chunks)
+    ppl_chunks, hit_chunks = all_chunks.evenly_spaced(args.chunks), all_chunks.evenly_spaced(args.hit_chunks)
     print(f"{len(all_chunks)} chunks of {args.seq_len} tokens; perplexity on {len(ppl_chunks)}, hits on {len(hit_chunks)}")
 
     windows = [int(w) for w in args.local_windows.split(",") if w]

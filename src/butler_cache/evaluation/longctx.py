@@ -48,6 +48,13 @@ def _filler(tokenizer, n_tokens: int, rng: random.Random, haystack: str | None) 
     return lines[start : end + 1], "\n"
 
 
+def _padding(tokenizer, needles: list[str], question: str, target_tokens: int, rng: random.Random,
+             haystack: str | None) -> tuple[list[str], str]:
+    """`_filler` pieces that leave room in ``target_tokens`` for the needles and the question."""
+    fixed = len(tokenizer(" ".join(needles) + " " + question, add_special_tokens=False)["input_ids"])
+    return _filler(tokenizer, target_tokens - fixed, rng, haystack)
+
+
 def _ending_line(text: str, haystack: str | None) -> str:
     """A haystack's padding ends its last line before the question (the filler runs straight on)."""
     return text if haystack is None or text.endswith("\n") else text + "\n"
@@ -56,8 +63,7 @@ def _ending_line(text: str, haystack: str | None) -> str:
 def _fill(tokenizer, needles: list[str], question: str, target_tokens: int, rng: random.Random,
           haystack: str | None = None) -> str:
     """Padding with ``needles`` at random depths, about ``target_tokens`` tokens in all, then the question."""
-    fixed = len(tokenizer(" ".join(needles) + " " + question, add_special_tokens=False)["input_ids"])
-    pieces, sep = _filler(tokenizer, target_tokens - fixed, rng, haystack)
+    pieces, sep = _padding(tokenizer, needles, question, target_tokens, rng, haystack)
     for needle in needles:
         pieces.insert(rng.randint(0, len(pieces)), needle + sep)
     return _ending_line("".join(pieces), haystack) + question
@@ -91,8 +97,7 @@ def variable_tracking(tokenizer, target_tokens: int, seed: int, haystack: str | 
     needles = [f"VAR {names[0]} = {value}."] + [f"VAR {names[i + 1]} = VAR {names[i]}." for i in range(hops)]
     question = f"Which variables are assigned the value {value}? Answer: the variables are"
     if haystack is not None:
-        fixed = len(tokenizer(" ".join(needles) + " " + question, add_special_tokens=False)["input_ids"])
-        parts, _ = _filler(tokenizer, target_tokens - fixed, rng, haystack)
+        parts, _ = _padding(tokenizer, needles, question, target_tokens, rng, haystack)
         cut = sorted(rng.sample(range(len(parts) + 1), k=len(needles)))  # the chain in order, between lines
         for offset, (pos, needle) in enumerate(zip(cut, needles, strict=True)):
             parts.insert(pos + offset, needle + "\n")

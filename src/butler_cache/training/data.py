@@ -63,6 +63,12 @@ class TokenChunks(Dataset):
             texts += load_documents(DataSource(s, text_field=text_column, split=split), tokenizer)["text"]
         return cls.from_texts(texts, tokenizer, seq_len, max_chunks)
 
+    def evenly_spaced(self, n: int) -> TokenChunks:
+        """At most ``n`` chunks spread evenly over this set, first and last included."""
+        idx = torch.linspace(0, len(self) - 1, steps=min(n, len(self))).round().long()
+        mask = None if self.attention_mask is None else self.attention_mask[idx]
+        return TokenChunks(self.input_ids[idx], mask)
+
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 

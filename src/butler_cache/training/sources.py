@@ -50,10 +50,15 @@ def _is_glob(path: str) -> bool:
     return any(c in path for c in "*?[")
 
 
+def _where(path: Path, source: str) -> str:
+    """``source 'x'``, with the file inside it when the source is a folder or a glob."""
+    return f"source {source!r}" + (f" (file {str(path)!r})" if str(path) != source else "")
+
+
 def _check_text_file(path: Path, source: str) -> None:
     """Refuse an empty file or one whose bytes are not UTF-8, naming the file and the source it came from."""
     data = path.read_bytes()
-    where = f"source {source!r}" + (f" (file {str(path)!r})" if str(path) != source else "")
+    where = _where(path, source)
     if not data.strip():
         raise DataSourceError(f"{where} is empty: expected text")
     try:
@@ -67,7 +72,7 @@ def _check_text_file(path: Path, source: str) -> None:
 def _check_jsonl(path: Path, source: str, text_field: str) -> None:
     """Every line a JSON object holding ``text_field`` (a string) or ``messages`` (a list); else name the line."""
     _check_text_file(path, source)
-    where = f"source {source!r}" + (f" (file {str(path)!r})" if str(path) != source else "")
+    where = _where(path, source)
     with path.open(encoding="utf-8") as lines:
         for number, line in enumerate(lines, start=1):
             if not line.strip():
