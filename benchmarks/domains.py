@@ -1,6 +1,6 @@
 """Quality per held-out domain: every policy on text the predictor never saw (prose, code, chat, tables).
 
-    python benchmarks/corpus/build_heldout.py --out out/heldout --install
+    python benchmarks/corpus/build_heldout.py --out out/heldout
     python benchmarks/domains.py --heldout out/heldout --json benchmarks/results/domains.json \\
         --plot benchmarks/results/domains.png
     # another predictor on the same harness, its rows added to the same JSON (the baselines are kept):
