@@ -2,8 +2,9 @@
 
     python benchmarks/decode_cpu.py --contexts 2048,4096,8192 --fractions 4,8,16 --backends torch,numba
 
-``--backends`` makes each butler budget one configuration per backend: ``torch`` (the PyTorch paths) and
-``numba`` (the compiled CPU kernels: scoring, top-k and sparse attention of a layer in one call).
+``--backends`` makes each butler budget one configuration per backend: ``auto`` (the default: numba on
+float32 CPU tensors where numba is installed), ``torch`` (the PyTorch paths) and ``numba`` (the compiled CPU
+kernels: scoring, top-k and sparse attention of a layer in one call).
 
 For each context length the prompt is prefilled once (dense); every configuration starts from a copy
 of that cache (ButlerCache layers compute their importance keys from the copied keys). ``--batch`` decodes
@@ -42,6 +43,7 @@ from butler_cache import ButlerCache, ButlerPredictor, default_predictor_path
 from butler_cache import attention as attention_module
 from butler_cache.compat import cache_argument
 from butler_cache.default_model import load_default_model
+from butler_cache.kernels import resolve_backend
 
 
 class Stopwatch:
@@ -191,7 +193,7 @@ def main() -> None:
     parser.add_argument("--fractions", default="4,8,16", help="budgets as 1/N of the context")
     parser.add_argument("--steps", type=int, default=6, help="decode steps per configuration per round")
     parser.add_argument("--rounds", type=int, default=5, help="rounds in which the configurations take turns")
-    parser.add_argument("--backends", default="torch", help="comma-separated butler backends, each a configuration")
+    parser.add_argument("--backends", default="auto", help="comma-separated butler backends, each a configuration")
     parser.add_argument("--batch", type=int, default=1, help="sequences decoded at once")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -219,7 +221,7 @@ def main() -> None:
                 butler = ButlerCache(model, predictor, token_budget=context // fraction, backend=backend)
                 name = f"butler 1/{fraction}" + (f" ({backend})" if len(backends) > 1 else "")
                 caches[name] = copy_into(butler, prefilled)
-                if backend == "numba":
+                if resolve_backend(backend, torch.device("cpu")) == "numba":
                     fused.add(name)
         timed = {name for name in caches if name.startswith("butler")}
         times = interleaved(model, caches, first, args.steps, args.rounds, timed)

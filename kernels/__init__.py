@@ -3,16 +3,19 @@
 ``backend`` everywhere means: ``"torch"`` the PyTorch paths (any device), ``"triton"`` the Triton
 kernels (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``, which is how CI tests them),
 ``"numba"`` the compiled CPU kernels of the decode step (per sparse layer one call for the cache update and one
-for scoring, top-k and sparse attention, and one per strided producer; float32 CPU tensors; ``pip install
-butler-cache[cpu]``; compiled on first use, then cached),
-``"auto"`` Triton on CUDA tensors when Triton is installed, PyTorch otherwise.
+for scoring, top-k and sparse attention, and one per strided producer; float32 CPU tensors; compiled on first
+use, with a one-line notice, then cached on disk for later processes),
+``"auto"`` Triton on CUDA tensors when Triton is installed, numba on CPU tensors when numba is installed (a
+regular dependency; tensors it does not take, such as bfloat16 ones, run the PyTorch paths), PyTorch otherwise.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
 import os
+from pathlib import Path
 from types import ModuleType
 
 import torch
@@ -31,7 +34,7 @@ def check_backend(backend: str) -> str:
     if backend == "triton" and not TRITON_AVAILABLE:
         raise ValueError("backend='triton' needs the triton package (pip install triton, Linux only)")
     if backend == "numba" and not NUMBA_AVAILABLE:
-        raise ValueError("backend='numba' needs the numba package (pip install butler-cache[cpu])")
+        raise ValueError("backend='numba' needs the numba package (pip install numba)")
     return backend
 
 
@@ -44,7 +47,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     """
     check_backend(backend)
     if backend == "auto":
-        return "triton" if TRITON_AVAILABLE and device.type == "cuda" else "torch"
+        if device.type == "cuda":
+            return "triton" if TRITON_AVAILABLE else "torch"
+        return "numba" if NUMBA_AVAILABLE and device.type == "cpu" else "torch"
     if backend == "numba" and device.type != "cpu":
         raise ValueError(f"backend='numba' runs on CPU tensors, got {device.type} tensors (use 'auto' or 'triton')")
     if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -86,13 +91,28 @@ def sparse_attention(
 
 
 _NUMBA_MODULES: dict[str, ModuleType] = {}
+_COMPILE_NOTICE_SHOWN = False
+logger = logging.getLogger("butler_cache")
+
+
+def _numba_cached(name: str) -> bool:
+    """Whether numba's on-disk cache (``__pycache__/<module>.*.nbi``, written by ``cache=True``) holds the
+    kernel module ``name`` (dotted below this package: ``"scoring.cpu"``)."""
+    *folders, module = name.split(".")
+    return any(Path(__file__).parent.joinpath(*folders, "__pycache__").glob(f"{module}.*.nbi"))
 
 
 def numba_module(name: str) -> ModuleType:
-    """The numba kernel module ``butler_cache.kernels.<name>``, imported on first use (numba is optional). The
-    per-layer paths call this instead of an import statement, which costs microseconds at every step."""
+    """The numba kernel module ``butler_cache.kernels.<name>``, imported on first use. The per-layer paths call
+    this instead of an import statement, which costs microseconds at every step. The first import in a process
+    whose kernels numba has not cached yet says so once: compiling them takes tens of seconds."""
+    global _COMPILE_NOTICE_SHOWN
     module = _NUMBA_MODULES.get(name)
     if module is None:
+        if not _COMPILE_NOTICE_SHOWN and not _numba_cached(name):
+            _COMPILE_NOTICE_SHOWN = True
+            logger.warning("butler_cache: compiling the numba CPU decode kernels (first use; cached on disk for "
+                           "later runs; backend='torch' skips them)")
         module = _NUMBA_MODULES[name] = importlib.import_module(f"{__name__}.{name}")
     return module
 

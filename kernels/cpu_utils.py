@@ -1,8 +1,8 @@
 """Shared pieces of the numba CPU kernels: availability and flat views of cache tensors.
 
-The CPU kernels are compiled by numba (``pip install butler-cache[cpu]``); without numba the PyTorch
-paths serve CPUs. They read the caches in place: a ``[B, H, L, D]`` tensor whose rows are contiguous
-(any prefix view of the storages `ButlerLayer` keeps) is handed over as one flat float32 array plus
+The CPU kernels are compiled by numba (a dependency; ``backend="auto"`` uses them for float32 CPU
+tensors); where numba is missing the PyTorch paths serve CPUs. They read the caches in place: a
+``[B, H, L, D]`` tensor whose rows are contiguous (any prefix view of the storages `ButlerLayer` keeps) is handed over as one flat float32 array plus
 its strides (the kernels find ``x[b, h, l, d]`` at ``b * s_b + h * s_h + l * s_l + d * s_d``).
 """
 

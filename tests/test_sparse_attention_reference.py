@@ -68,9 +68,15 @@ def test_row_with_nothing_kept_is_zero_not_nan():
 
 
 def test_backend_resolution(monkeypatch):
+    import butler_cache.kernels as kernels
     from butler_cache.kernels import NUMBA_AVAILABLE
 
-    assert resolve_backend("auto", torch.device("cpu")) == "torch"  # the numba CPU kernels are opt-in
+    # the numba CPU kernels by default where numba is installed (a dependency), the PyTorch paths without it
+    assert resolve_backend("auto", torch.device("cpu")) == ("numba" if NUMBA_AVAILABLE else "torch")
+    monkeypatch.setattr(kernels, "NUMBA_AVAILABLE", False)
+    assert resolve_backend("auto", torch.device("cpu")) == "torch"
+    assert resolve_backend("auto", torch.device("meta")) == "torch"
+    monkeypatch.setattr(kernels, "NUMBA_AVAILABLE", NUMBA_AVAILABLE)
     if NUMBA_AVAILABLE:
         assert resolve_backend("numba", torch.device("cpu")) == "numba"
         with pytest.raises(ValueError, match="backend='numba' runs on CPU tensors"):
@@ -80,3 +86,25 @@ def test_backend_resolution(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="needs the Triton interpreter"):
         resolve_backend("triton", torch.device("cpu"))
+
+
+def test_numba_compile_notice_shows_once_where_kernels_are_not_cached(monkeypatch, caplog):
+    import butler_cache.kernels as kernels
+
+    if not kernels.NUMBA_AVAILABLE:
+        pytest.skip("numba is not installed")
+    monkeypatch.setattr(kernels, "_NUMBA_MODULES", {})
+    monkeypatch.setattr(kernels, "_COMPILE_NOTICE_SHOWN", False)
+    monkeypatch.setattr(kernels, "_numba_cached", lambda name: False)
+    with caplog.at_level("WARNING", logger="butler_cache"):
+        kernels.numba_module("producer_cpu")
+        kernels.numba_module("scoring.cpu")
+    notices = [r for r in caplog.records if "compiling the numba CPU decode kernels" in r.getMessage()]
+    assert len(notices) == 1
+    monkeypatch.setattr(kernels, "_NUMBA_MODULES", {})
+    monkeypatch.setattr(kernels, "_COMPILE_NOTICE_SHOWN", False)
+    monkeypatch.setattr(kernels, "_numba_cached", lambda name: True)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="butler_cache"):
+        kernels.numba_module("producer_cpu")
+    assert not caplog.records

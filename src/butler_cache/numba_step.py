@@ -88,7 +88,7 @@ class NumbaDecodeStep:
         views = self.views
         return (
             layer.keys is views[0] and layer.values is views[1] and layer.importance_keys is views[2]
-            and layer.settings.backend == "numba"
+            and resolve_backend(layer.settings.backend, layer.keys.device) == "numba"
         )
 
     def append(self, layer: ButlerLayer, key_states: torch.Tensor, value_states: torch.Tensor) -> bool:
