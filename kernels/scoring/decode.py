@@ -72,6 +72,14 @@ def group_max_kernel(
         tl.store(out + i_bh * L + o_l, b_best, mask=m_l)
 
 
+def launch_config(rows: int, group: int, dim: int, length: int) -> dict[str, int]:
+    """The block sizes of `score_logits_kernel` (and `group_max_kernel`: ``BG``, ``BL``, ``NS``) for ``rows = B * H``
+    (sequence, KV head) pairs, ``group`` importance queries per KV head, importance dim ``dim`` and ``length`` keys."""
+    BL = 128
+    NS = max(1, min(triton.next_power_of_2(triton.cdiv(length, BL)), triton.next_power_of_2(triton.cdiv(256, rows)), 64))
+    return dict(BG=max(16, triton.next_power_of_2(group)), BL=BL, BE=max(16, triton.next_power_of_2(dim)), NS=NS)
+
+
 def score_decode(queries: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
     """Triton version of `score_reference` (one query row, all keys valid). Returns ``[B, H, 1, L]`` float32."""
     B, HQ, T, E = queries.shape
@@ -82,9 +90,8 @@ def score_decode(queries: torch.Tensor, keys: torch.Tensor, scale: float) -> tor
         raise ValueError("keys need a contiguous last dimension")
     G = HQ // H
     q = queries[:, :, 0].contiguous()  # [B, HQ, E]
-    BG, BE = max(16, triton.next_power_of_2(G)), max(16, triton.next_power_of_2(E))
-    BL = 128
-    NS = max(1, min(triton.next_power_of_2(triton.cdiv(L, BL)), triton.next_power_of_2(triton.cdiv(256, B * H)), 64))
+    config = launch_config(B * H, G, E, L)
+    BG, BL, NS = config["BG"], config["BL"], config["NS"]
     split = triton.cdiv(triton.cdiv(L, NS), BL) * BL
     logits = torch.empty(B * H * G * L, dtype=torch.float32, device=keys.device)
     part_m = torch.empty(B * H * NS * BG, dtype=torch.float32, device=keys.device)
@@ -92,7 +99,7 @@ def score_decode(queries: torch.Tensor, keys: torch.Tensor, scale: float) -> tor
     score_logits_kernel[(B * H, NS)](
         q, keys, logits, part_m, part_l, scale, L, G, E, H, split,
         q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
-        BG=BG, BL=BL, BE=BE, NS=NS,
+        **config,
     )
     out = torch.empty(B, H, 1, L, dtype=torch.float32, device=keys.device)
     group_max_kernel[(B * H, NS)](logits, part_m, part_l, out, L, G, split, BG=BG, BL=BL, NS=NS)

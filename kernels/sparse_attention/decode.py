@@ -69,14 +69,16 @@ def sparse_decode_merge_kernel(
     i_b, i_h = i_bh // H, i_bh % H
     o_g, o_v = tl.arange(0, BG), tl.arange(0, BV)
     o_rows = (i_bh * NS + tl.arange(0, NS))[:, None] * BG + o_g[None, :]  # [NS, BG]
-    b_m = tl.load(part_m + o_rows)  # [NS, BG]
-    b_l = tl.load(part_l + o_rows)
-    m_all = tl.max(b_m, 0)  # [BG]
+    m_all = tl.max(tl.load(part_m + o_rows), 0)  # [BG]
     m_ref = tl.where(m_all == float("-inf"), 0.0, m_all)
-    b_w = tl.exp(b_m - m_ref[None, :])  # [NS, BG]
-    b_den = tl.sum(b_w * b_l, 0)  # [BG]
-    b_o = tl.load(part_o + o_rows[:, :, None] * BV + o_v[None, None, :])  # [NS, BG, BV]
-    b_num = tl.sum(b_o * b_w[:, :, None], 0)  # [BG, BV]
+    b_den = tl.zeros([BG], dtype=tl.float32)
+    b_num = tl.zeros([BG, BV], dtype=tl.float32)
+    # one split at a time: loading all NS partial outputs at once ([NS, BG, BV]) spills registers
+    for i_sp in range(NS):
+        o_part = (i_bh * NS + i_sp) * BG + o_g  # [BG]
+        b_w = tl.exp(tl.load(part_m + o_part) - m_ref)  # [BG]
+        b_den += b_w * tl.load(part_l + o_part)
+        b_num += tl.load(part_o + o_part[:, None] * BV + o_v[None, :]) * b_w[:, None]  # [BG, BV]
     b_out = b_num / tl.where(b_den > 0, b_den, 1.0)[:, None]  # nothing kept: zeros, like the reference
     m_g, m_v = o_g < G, o_v < V
     p_out = out + i_b * so_b + (i_h * G + o_g)[:, None] * so_h + o_v[None, :]
@@ -87,6 +89,17 @@ def _num_splits(rows: int, selected: int, block: int) -> int:
     """Enough programs to fill a GPU (about 256), never more splits than blocks of selected rows."""
     blocks = triton.next_power_of_2(triton.cdiv(selected, block))  # a power of two: the merge loads them at once
     return max(1, min(blocks, triton.next_power_of_2(triton.cdiv(256, rows)), 64))
+
+
+def launch_config(rows: int, group: int, key_dim: int, value_dim: int, selected: int) -> dict[str, int]:
+    """The block sizes of `sparse_decode_fwd_kernel` for ``rows = B * H`` (sequence, KV head) pairs, ``group``
+    query heads per KV head and ``selected`` rows per pair (the ones `benchmarks/aot_compile.py` compiles)."""
+    BG = max(16, triton.next_power_of_2(group))  # tl.dot needs 16 rows
+    BK, BV = max(16, triton.next_power_of_2(key_dim)), max(16, triton.next_power_of_2(value_dim))
+    # the largest block of gathered rows that compiles without register spills for sm_80 and sm_90 (fp32
+    # dot products over [BS, BK] gathered tiles; benchmarks/aot_compile.py checks every launch configuration)
+    BS = 16 if max(BK, BV) >= 128 else 32
+    return dict(BG=BG, BS=BS, BK=BK, BV=BV, NS=_num_splits(rows, selected, BS))
 
 
 def sparse_decode_attention(
@@ -114,10 +127,8 @@ def sparse_decode_attention(
     q = query[:, :, 0].contiguous()  # [B, HQ, K]
     idx = indices[:, :, 0].contiguous()  # [B, H, S]
     kp = keep[:, :, 0].to(torch.int8).contiguous()
-    BG = max(16, triton.next_power_of_2(G))  # tl.dot needs 16 rows
-    BK, BV = max(16, triton.next_power_of_2(K)), max(16, triton.next_power_of_2(V))
-    BS = 32 if max(BK, BV) > 128 else 64
-    NS = _num_splits(B * H, S, BS)
+    config = launch_config(B * H, G, K, V, S)
+    BG, BS, BV, NS = config["BG"], config["BS"], config["BV"], config["NS"]
     split = triton.cdiv(triton.cdiv(S, NS), BS) * BS
     part_m = torch.empty(B * H * NS * BG, dtype=torch.float32, device=query.device)
     part_l = torch.empty_like(part_m)
@@ -128,7 +139,7 @@ def sparse_decode_attention(
         scale, S, G, K, V, H, split,
         q.stride(0), q.stride(1), key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2), idx.stride(0), idx.stride(1),
-        BG=BG, BS=BS, BK=BK, BV=BV, NS=NS,
+        **config,
     )
     sparse_decode_merge_kernel[(B * H,)](
         part_m, part_l, part_o, out, G, V, H, out.stride(0), out.stride(1), BG=BG, BV=BV, NS=NS,
