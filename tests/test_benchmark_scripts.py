@@ -30,6 +30,23 @@ def test_kernels_benchmark_dry_run(tmp_path):
     assert rows["butler 1/16"]["ideal_speedup"] > 1 and all(r["tokens_per_s"] > 0 and r["batch"] == 2 for r in rows.values())
 
 
+def test_gpu_check_dry_run(tmp_path):
+    """The one-shot device check end to end on tiny sizes: kernel checks, attention step, end to end with the
+    compiled StaticCache step, its JSON and PNG."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "HF_HUB_OFFLINE": "1"}
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--dry-run", "--json",
+                    str(tmp_path / "g.json"), "--plot", str(tmp_path / "g.png")], check=True, env=env,
+                   capture_output=True, timeout=600)
+    report = json.loads((tmp_path / "g.json").read_text())
+    kernels = {row["kernel"] for row in report["checks"]}
+    assert kernels == {"sparse_decode", "scoring", "fused_loss_kl", "fused_loss_mse"}
+    assert max(row["rel_error"] for row in report["checks"]) < 2e-2
+    configs = [row["config"] for row in report["end_to_end"]]
+    assert configs.count("dense (StaticCache, compiled)") == 2 and report["skipped"] == []
+    assert all(row["ms_per_step"] > 0 for row in report["end_to_end"] if "ms_per_step" in row)
+    assert (tmp_path / "g.png").stat().st_size > 0
+
+
 def _run_script(name: str, *args: str) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), *args], check=True, env=env,

@@ -79,13 +79,18 @@ _KEY_PADDING: ContextVar[torch.Tensor | None] = ContextVar("butler_cache_key_pad
 
 
 def _decoder_input_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if not isinstance(cache, ButlerCache) and (torch.compiler.is_compiling() or CAPTURE.get() is None):
+        # a dense call (StaticCache, DynamicCache): nothing to record, and a compiled model traces through
+        # (dynamo reads no ContextVar; captures, for distillation, run eager)
+        return
     mask = kwargs.get("attention_mask")
     _KEY_PADDING.set(mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None)
 
 
 def _decoder_layer_input_hook(layer_idx: int, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
     cache = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers >= 5.24 names it `cache`
-    capture = CAPTURE.get()
+    capture = None if torch.compiler.is_compiling() else CAPTURE.get()
     if capture is None and not (isinstance(cache, ButlerCache) and layer_idx in cache.input_layers):
         return  # most layers host no producer: this runs before every decoder layer, so it returns early
     hidden_states = args[0] if args else kwargs["hidden_states"]  # [B, T, D]
@@ -131,6 +136,10 @@ def butler_attention_forward(
 
     Returns ``([B, T, HQ, D], None)``.
     """
+    if torch.compiler.is_compiling():
+        # a compiled model runs dense here: dynamo reads no ContextVar, and the ButlerCache decode step is not
+        # graph-capturable yet (its layers hand themselves over through ACTIVE_LAYER)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     capture = CAPTURE.get()
     if capture is not None:
         capture.record_attention(module.layer_idx, query, key, scaling)
