@@ -132,8 +132,10 @@ def compile_isolated(variants: list[KernelVariant], arch: int) -> list[CompileRe
     payload = json.dumps({"arch": arch, "variants": [asdict(v) for v in variants]})
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, without its warning
+    # run from a neutral folder: `-m` puts the working directory on sys.path, and from the repository root its
+    # top-level kernels/ folder would shadow the PyPI package `kernels` that transformers probes for
     result = subprocess.run([sys.executable, "-m", "butler_cache.kernels.aot"], input=payload, capture_output=True,
-                            text=True, env=env)
+                            text=True, env=env, cwd=tempfile.gettempdir())
     if result.returncode != 0:
         raise RuntimeError(f"ahead-of-time compile for sm_{arch} failed:\n{result.stderr[-3000:]}")
     return [CompileReport(**row) for row in json.loads(result.stdout)]

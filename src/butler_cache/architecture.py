@@ -6,8 +6,9 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
-from transformers import DynamicCache, PretrainedConfig
-from transformers.cache_utils import DynamicLayer
+from transformers import PretrainedConfig
+
+from .compat import DynamicCache, DynamicLayer
 
 
 class UnsupportedModelError(ValueError):

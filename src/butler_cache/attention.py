@@ -15,13 +15,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch.utils.hooks import RemovableHandle
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
 from .architecture import check_supported, decoder_layers
 from .cache import ACTIVE_LAYER, ButlerCache, ButlerLayer
 from .capture import CAPTURE
+from .compat import (
+    ALL_MASK_ATTENTION_FUNCTIONS,
+    AttentionInterface,
+    AttentionMaskInterface,
+    require_method,
+    sdpa_attention_forward,
+)
 from .kernels import sparse_attention
 from .policies import ScoringInputs
 from .predictor import LayerInput
@@ -49,6 +53,7 @@ def attach(model: torch.nn.Module) -> torch.nn.Module:
         return model
     register()
     previous = model.config._attn_implementation
+    require_method(type(model), "set_attn_implementation", "the switch to its attention function")
     model.set_attn_implementation(ATTENTION_NAME)
     handles = [model.get_decoder().register_forward_pre_hook(_decoder_input_hook, with_kwargs=True)]
     handles += [

@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.cache_utils import DynamicLayer
 
+from .compat import DynamicLayer
 from .config import ButlerConfig
 from .predictor import ButlerPredictor, Importance, LayerInput
 from .selection import validity_from_padding

@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
 from .architecture import BaseModelShape, check_supported
 from .budget import TokenBudget
+from .compat import DynamicCache, DynamicLayer
 from .growth import GrowingLayer
 from .kernels import check_backend, resolve_backend
 from .numba_step import NumbaDecodeStep

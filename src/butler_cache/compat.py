@@ -1,11 +1,90 @@
-"""What differs between the transformers 5.x releases butler_cache supports (``transformers>=5.17,<6``)."""
+"""Every hook point butler_cache takes from transformers, and what differs between the releases it supports.
+
+butler_cache extends transformers' cache layers, registers an attention function and a mask function, and hooks
+the decoder's calls; those names move between minor releases. They are all looked up here, once, through
+`require`, so that a release that moved one fails at import with an error naming the transformers version and
+the missing piece, never with a deep AttributeError; and a release newer than the tested range warns once.
+"""
 
 from __future__ import annotations
 
+import importlib
+import warnings
 from typing import Any
 
 import transformers
 from packaging.version import Version
+
+# The oldest and the newest minor releases the whole test suite has passed on (CI tests both ends).
+TESTED_RANGE = ("5.17", "5.25")
+
+
+class UntestedTransformersWarning(UserWarning):
+    """The installed transformers is newer than the releases butler_cache was tested on."""
+
+
+class IncompatibleTransformersError(ImportError):
+    """The installed transformers lacks a hook point butler_cache needs."""
+
+
+def _minor(version: str) -> Version:
+    release = Version(version).release
+    return Version(f"{release[0]}.{release[1] if len(release) > 1 else 0}")
+
+
+def check_transformers_version(version: str | None = None) -> bool:
+    """True where ``version`` (default: the installed one) lies in `TESTED_RANGE`; a newer one warns (once per
+    process, by the warnings filter) with the tested range; an older one is refused by the package's requirements."""
+    version = version or transformers.__version__
+    newest = Version(TESTED_RANGE[1])
+    if _minor(version) > newest:
+        warnings.warn(
+            f"butler_cache was tested with transformers {TESTED_RANGE[0]} to {TESTED_RANGE[1]}, and {version} is "
+            "installed: it may work, but its cache, attention and masking hooks have not been checked there "
+            f"(pip install 'transformers<={TESTED_RANGE[1]}' for a tested release)",
+            UntestedTransformersWarning, stacklevel=2,
+        )
+        return False
+    return _minor(version) >= Version(TESTED_RANGE[0])
+
+
+def require(module: str, name: str, role: str, version: str | None = None) -> Any:
+    """``module.name`` from transformers, or an `IncompatibleTransformersError` that names the installed version,
+    what is missing and what butler_cache uses it for."""
+    version = version or transformers.__version__
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as error:
+        raise IncompatibleTransformersError(
+            f"transformers {version} has no `{module}.{name}`, which butler_cache needs as {role} (tested with "
+            f"transformers {TESTED_RANGE[0]} to {TESTED_RANGE[1]}: pip install 'transformers<={TESTED_RANGE[1]}')"
+        ) from error
+
+
+def require_method(owner: type, name: str, role: str, version: str | None = None) -> None:
+    """Check that ``owner`` has the method ``name`` (an `IncompatibleTransformersError` otherwise)."""
+    if not callable(getattr(owner, name, None)):
+        raise IncompatibleTransformersError(
+            f"transformers {version or transformers.__version__}: `{owner.__module__}.{owner.__name__}` has no "
+            f"`{name}`, which butler_cache needs as {role} (tested with transformers {TESTED_RANGE[0]} to "
+            f"{TESTED_RANGE[1]})"
+        )
+
+
+check_transformers_version()
+
+DynamicCache = require("transformers.cache_utils", "DynamicCache", "the cache ButlerCache extends")
+DynamicLayer = require("transformers.cache_utils", "DynamicLayer", "the cache layer ButlerLayer extends")
+for _method in ("update", "get_seq_length", "get_mask_sizes", "reset", "crop", "reorder_cache",
+                "batch_repeat_interleave", "batch_select_indices", "offload", "prefetch"):
+    require_method(DynamicLayer, _method, "a cache-layer method ButlerLayer overrides")
+AttentionInterface = require("transformers", "AttentionInterface", "the registry of its attention function")
+sdpa_attention_forward = require("transformers.integrations.sdpa_attention", "sdpa_attention_forward",
+                                 "the dense attention of its dense layers and steps")
+ALL_MASK_ATTENTION_FUNCTIONS = require("transformers.masking_utils", "ALL_MASK_ATTENTION_FUNCTIONS",
+                                       "the registry of its attention-mask function")
+AttentionMaskInterface = require("transformers.masking_utils", "AttentionMaskInterface",
+                                 "the interface of its attention-mask function")
 
 # transformers 5.24 renamed the cache argument of the models' forward and of `generate` from ``past_key_values`` to
 # ``cache``; the old name warns there and goes in 5.40 (forward) and 6.0 (`generate`).

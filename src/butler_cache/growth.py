@@ -21,8 +21,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers.cache_utils import DynamicLayer
 
+from .compat import DynamicLayer
 from .kernels.cpu_utils import FlatView, flat_view
 
 # spare rows allocated on top of what is needed: at least this many, and at least 1/8 of the length,

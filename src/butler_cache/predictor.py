@@ -18,11 +18,11 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from transformers.cache_utils import DynamicLayer
 from transformers.utils import PushToHubMixin
 
 from . import persistence
 from .architecture import BaseModelShape
+from .compat import DynamicLayer
 from .config import ButlerConfig
 
 PREDICTOR_CLASSES: dict[str, type[ButlerPredictor]] = {}

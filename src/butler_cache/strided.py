@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers.cache_utils import DynamicLayer
 
+from .compat import DynamicLayer
 from .config import ButlerConfig
 from .kernels import numba_module
 from .predictor import ButlerPredictor, Importance, LayerInput

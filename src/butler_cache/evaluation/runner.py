@@ -6,11 +6,9 @@ from collections.abc import Callable
 
 import torch
 from tqdm.auto import tqdm
-from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
 from ..cache import ACTIVE_LAYER, ButlerCache, ButlerLayer
-from ..compat import cache_argument
+from ..compat import DynamicCache, DynamicLayer, cache_argument
 from ..growth import GrowingLayer
 from ..predictor import ButlerPredictor
 from .coref import CorefExample
