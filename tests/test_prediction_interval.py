@@ -53,7 +53,8 @@ def test_scores_and_producers_run_once_per_interval(interval, monkeypatch):
     model = tiny_model("llama", seed=2)
     torch.manual_seed(0)
     predictor = ButlerPredictor(ButlerConfig.for_model(model, layer_stride=3))
-    cache = ButlerCache(model, predictor, token_budget=8, sink_tokens=2, local_window=2, prediction_interval=interval)
+    cache = ButlerCache(model, predictor, token_budget=8, sink_tokens=2, local_window=2, prediction_interval=interval,
+                        backend="torch")  # counts the PyTorch path's calls; the numba step fuses them
     scored, produced = [], []
     score = cache.settings.policy.score
     monkeypatch.setattr(cache.settings.policy, "score", lambda inputs: scored.append(1) or score(inputs))

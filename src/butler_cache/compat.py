@@ -16,7 +16,7 @@ import transformers
 from packaging.version import Version
 
 # The oldest and the newest minor releases the whole test suite has passed on (CI tests both ends).
-TESTED_RANGE = ("5.17", "5.25")
+TESTED_RANGE = ("5.17", "5.24")
 
 
 class UntestedTransformersWarning(UserWarning):
@@ -71,20 +71,36 @@ def require_method(owner: type, name: str, role: str, version: str | None = None
         )
 
 
-check_transformers_version()
+def load_hook_points(version: str | None = None) -> dict[str, Any]:
+    """Every transformers object butler_cache hooks into, by name; an `IncompatibleTransformersError` (naming
+    ``version``, default the installed one) for the first one missing."""
+    hooks = {
+        "DynamicCache": require("transformers.cache_utils", "DynamicCache", "the cache ButlerCache extends", version),
+        "DynamicLayer": require("transformers.cache_utils", "DynamicLayer", "the cache layer ButlerLayer extends",
+                                version),
+        "AttentionInterface": require("transformers", "AttentionInterface", "the registry of its attention function",
+                                      version),
+        "sdpa_attention_forward": require("transformers.integrations.sdpa_attention", "sdpa_attention_forward",
+                                          "the dense attention of its dense layers and steps", version),
+        "ALL_MASK_ATTENTION_FUNCTIONS": require("transformers.masking_utils", "ALL_MASK_ATTENTION_FUNCTIONS",
+                                                "the registry of its attention-mask function", version),
+        "AttentionMaskInterface": require("transformers.masking_utils", "AttentionMaskInterface",
+                                          "the interface of its attention-mask function", version),
+    }
+    for method in ("update", "get_seq_length", "get_mask_sizes", "reset", "crop", "reorder_cache",
+                   "batch_repeat_interleave", "batch_select_indices", "offload", "prefetch"):
+        require_method(hooks["DynamicLayer"], method, "a cache-layer method ButlerLayer overrides", version)
+    return hooks
 
-DynamicCache = require("transformers.cache_utils", "DynamicCache", "the cache ButlerCache extends")
-DynamicLayer = require("transformers.cache_utils", "DynamicLayer", "the cache layer ButlerLayer extends")
-for _method in ("update", "get_seq_length", "get_mask_sizes", "reset", "crop", "reorder_cache",
-                "batch_repeat_interleave", "batch_select_indices", "offload", "prefetch"):
-    require_method(DynamicLayer, _method, "a cache-layer method ButlerLayer overrides")
-AttentionInterface = require("transformers", "AttentionInterface", "the registry of its attention function")
-sdpa_attention_forward = require("transformers.integrations.sdpa_attention", "sdpa_attention_forward",
-                                 "the dense attention of its dense layers and steps")
-ALL_MASK_ATTENTION_FUNCTIONS = require("transformers.masking_utils", "ALL_MASK_ATTENTION_FUNCTIONS",
-                                       "the registry of its attention-mask function")
-AttentionMaskInterface = require("transformers.masking_utils", "AttentionMaskInterface",
-                                 "the interface of its attention-mask function")
+
+check_transformers_version()
+_HOOKS = load_hook_points()
+DynamicCache = _HOOKS["DynamicCache"]
+DynamicLayer = _HOOKS["DynamicLayer"]
+AttentionInterface = _HOOKS["AttentionInterface"]
+sdpa_attention_forward = _HOOKS["sdpa_attention_forward"]
+ALL_MASK_ATTENTION_FUNCTIONS = _HOOKS["ALL_MASK_ATTENTION_FUNCTIONS"]
+AttentionMaskInterface = _HOOKS["AttentionMaskInterface"]
 
 # transformers 5.24 renamed the cache argument of the models' forward and of `generate` from ``past_key_values`` to
 # ``cache``; the old name warns there and goes in 5.40 (forward) and 6.0 (`generate`).
