@@ -9,6 +9,7 @@ Used by ``benchmarks/aot_compile.py`` (the report) and ``tests/ops/test_aot_comp
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -41,7 +42,7 @@ class KernelVariant:
     @property
     def function(self):
         module, name = self.kernel.split(":")
-        return getattr(__import__(f"butler_cache.kernels.{module}", fromlist=[name]), name)
+        return getattr(importlib.import_module(f"butler_cache.kernels.{module}"), name)
 
 
 @dataclass

@@ -83,8 +83,12 @@ def is_attached(model: torch.nn.Module) -> bool:
 _KEY_PADDING: ContextVar[torch.Tensor | None] = ContextVar("butler_cache_key_padding", default=None)
 
 
+def _cache_of(kwargs: dict) -> Any:
+    return kwargs.get("cache", kwargs.get("past_key_values"))  # transformers >= 5.24 names it `cache`
+
+
 def _decoder_input_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    cache = _cache_of(kwargs)
     if not isinstance(cache, ButlerCache) and (torch.compiler.is_compiling() or CAPTURE.get() is None):
         # a dense call (StaticCache, DynamicCache): nothing to record, and a compiled model traces through
         # (dynamo reads no ContextVar; captures, for distillation, run eager)
@@ -94,7 +98,7 @@ def _decoder_input_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> N
 
 
 def _decoder_layer_input_hook(layer_idx: int, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-    cache = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers >= 5.24 names it `cache`
+    cache = _cache_of(kwargs)
     capture = None if torch.compiler.is_compiling() else CAPTURE.get()
     if capture is None and not (isinstance(cache, ButlerCache) and layer_idx in cache.input_layers):
         return  # most layers host no producer: this runs before every decoder layer, so it returns early

@@ -57,6 +57,7 @@ class NumbaDecodeStep:
         self._importance_keys = (*self._flat[2], 0)
         self._importance_scale = np.float32(layer.predictor.config.score_scale)
         self._threads = threads
+        self._backend = layer.settings.backend  # resolved to numba for these CPU storages (see `for_layer`)
 
     @classmethod
     def for_layer(cls, layer: ButlerLayer) -> NumbaDecodeStep | None:
@@ -88,7 +89,7 @@ class NumbaDecodeStep:
         views = self.views
         return (
             layer.keys is views[0] and layer.values is views[1] and layer.importance_keys is views[2]
-            and resolve_backend(layer.settings.backend, layer.keys.device) == "numba"
+            and layer.settings.backend == self._backend  # same setting, same storages: still numba
         )
 
     def append(self, layer: ButlerLayer, key_states: torch.Tensor, value_states: torch.Tensor) -> bool:
