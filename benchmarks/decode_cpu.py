@@ -42,8 +42,9 @@ from transformers import AttentionInterface, DynamicCache, StaticCache
 from butler_cache import ButlerCache, ButlerPredictor, default_predictor_path
 from butler_cache import attention as attention_module
 from butler_cache.compat import cache_argument
+from butler_cache.decode import torch_backend
 from butler_cache.default_model import load_default_model
-from butler_cache.kernels import resolve_backend
+from butler_cache.kernels import NUMBA_AVAILABLE, resolve_backend
 
 
 class Stopwatch:
@@ -81,8 +82,12 @@ def predictor_timer(cache: ButlerCache):
     """Time spent producing importance queries and scoring + selecting (CPU: synchronous)."""
     watch = Stopwatch()
     policy = cache.settings.policy
-    targets = [(attention_module, "select_tokens"), (attention_module, "select_decode_tokens"),
-               (policy, "score"), (policy, "select_decode"), (cache, "on_layer_input")]
+    targets = [(torch_backend, "select_tokens"), (torch_backend, "select_decode_tokens"), (policy, "score"),
+               (cache, "on_layer_input")]
+    if NUMBA_AVAILABLE:  # the numba backend's scoring + top-k in one compiled pass (where its fused step does not run)
+        from butler_cache.kernels.scoring import cpu as scoring_cpu
+
+        targets.append((scoring_cpu, "score_select_decode_cpu"))
     with ExitStack() as stack:
         for owner, name in targets:
             stack.enter_context(timed_attribute(owner, name, watch))

@@ -11,12 +11,8 @@ regular dependency; tensors it does not take, such as bfloat16 ones, run the PyT
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
-import logging
 import os
-from pathlib import Path
-from types import ModuleType
 
 import torch
 
@@ -90,33 +86,6 @@ def sparse_attention(
     return sparse_attention_naive(query, key, value, indices, keep, scale)
 
 
-_NUMBA_MODULES: dict[str, ModuleType] = {}
-_COMPILE_NOTICE_SHOWN = False
-logger = logging.getLogger("butler_cache")
-
-
-def _numba_cached(name: str) -> bool:
-    """Whether numba's on-disk cache (``__pycache__/<module>.*.nbi``, written by ``cache=True``) holds the
-    kernel module ``name`` (dotted below this package: ``"scoring.cpu"``)."""
-    *folders, module = name.split(".")
-    return any(Path(__file__).parent.joinpath(*folders, "__pycache__").glob(f"{module}.*.nbi"))
-
-
-def numba_module(name: str) -> ModuleType:
-    """The numba kernel module ``butler_cache.kernels.<name>``, imported on first use. The per-layer paths call
-    this instead of an import statement, which costs microseconds at every step. The first import in a process
-    whose kernels numba has not cached yet says so once: compiling them takes tens of seconds."""
-    global _COMPILE_NOTICE_SHOWN
-    module = _NUMBA_MODULES.get(name)
-    if module is None:
-        if not _COMPILE_NOTICE_SHOWN and not _numba_cached(name):
-            _COMPILE_NOTICE_SHOWN = True
-            logger.warning("butler_cache: compiling the numba CPU decode kernels (first use; cached on disk for "
-                           "later runs; backend='torch' skips them)")
-        module = _NUMBA_MODULES[name] = importlib.import_module(f"{__name__}.{name}")
-    return module
-
-
 def numba_serves(*tensors: torch.Tensor) -> bool:
     """Whether the numba CPU kernels take these tensors: float32, on the CPU, rows contiguous."""
     return NUMBA_AVAILABLE and all(
@@ -125,6 +94,6 @@ def numba_serves(*tensors: torch.Tensor) -> bool:
 
 
 __all__ = [
-    "BACKENDS", "NUMBA_AVAILABLE", "TRITON_AVAILABLE", "check_backend", "numba_module", "numba_serves", "resolve_backend",
+    "BACKENDS", "NUMBA_AVAILABLE", "TRITON_AVAILABLE", "check_backend", "numba_serves", "resolve_backend",
     "sparse_attention", "sparse_attention_naive", "sparse_decode_attention_torch",
 ]

@@ -9,11 +9,33 @@ its strides (the kernels find ``x[b, h, l, d]`` at ``b * s_b + h * s_h + l * s_l
 from __future__ import annotations
 
 import importlib.util
+import logging
+from pathlib import Path
 
 import numpy as np
 import torch
 
 NUMBA_AVAILABLE = importlib.util.find_spec("numba") is not None
+
+# the numba kernel modules, as paths below this folder (their compiled code lies in numba's on-disk cache,
+# ``__pycache__/<module>.*.nbi``, written by ``cache=True``)
+NUMBA_MODULES = ("cache_update_cpu", "decode_step_cpu", "producer_cpu", "scoring/cpu", "sparse_attention/cpu")
+_notice_shown = False
+logger = logging.getLogger("butler_cache")
+
+
+def announce_compile() -> None:
+    """Say once per process, before the numba kernel modules are first imported, that compiling them takes tens of
+    seconds, unless numba's on-disk cache already holds every one of them."""
+    global _notice_shown
+    if _notice_shown:
+        return
+    _notice_shown = True
+    here = Path(__file__).parent
+    if not all(any((here / name).parent.joinpath("__pycache__").glob(f"{Path(name).name}.*.nbi"))
+               for name in NUMBA_MODULES):
+        logger.warning("butler_cache: compiling the numba CPU decode kernels (first use; cached on disk for later "
+                       "runs; backend='torch' skips them)")
 
 FlatView = tuple[np.ndarray, int, int, int, int]  # `flat_view`: (flat, s_b, s_h, s_l, s_d)
 FlatRows = tuple[np.ndarray, int, int, int]  # `flat_rows`: (flat, s_b, s_h, row stride)

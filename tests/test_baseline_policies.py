@@ -7,9 +7,18 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from butler_cache import ButlerCache, ButlerLayer, SparseAttentionSettings, TokenBudget
+from butler_cache import (
+    ButlerCache,
+    ButlerConfig,
+    ButlerLayer,
+    ButlerPredictor,
+    SparseAttentionSettings,
+    TokenBudget,
+)
 from butler_cache.compat import cache_argument
+from butler_cache.kernels import NUMBA_AVAILABLE
 from butler_cache.policies import (
+    POLICIES,
     H2OPolicy,
     QuestPolicy,
     RandomPolicy,
@@ -20,8 +29,6 @@ from butler_cache.policies import (
 from butler_cache.selection import key_validity, select_tokens
 
 from .conftest import random_batch, tiny_model
-
-BASELINES = ["streaming", "random", "quest", "h2o", "snapkv"]
 
 
 def _layer(keys, policy="oracle", **budget):
@@ -117,18 +124,32 @@ def test_snapkv_votes_from_the_observation_window():
     torch.testing.assert_close(scores[:20], votes)
 
 
-@pytest.mark.parametrize("policy", BASELINES)
-def test_baselines_through_generate(policy):
+def _cache(model, policy, **kwargs):
+    """A cache for any registered policy: the ones that need a predictor get an untrained one."""
+    if make_policy(policy).requires_predictor:
+        torch.manual_seed(0)
+        return ButlerCache(model, ButlerPredictor(ButlerConfig.for_model(model)), policy=policy, **kwargs)
+    return ButlerCache(model, policy=policy, **kwargs)
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_every_registered_policy_through_generate(policy):
+    """One matrix over every registered policy, butler and oracle included: dense at a budget that covers the
+    context, exactly the budget attended at each sparse decode step, the same tokens from the PyTorch and the numba
+    backends (each policy only scores; the backends select and attend), finite teacher-forced sparse forwards."""
     model = tiny_model("qwen2", seed=2, num_attention_heads=6, num_key_value_heads=2)
     ids, mask = random_batch(2, 24, [0, 3], seed=1)
     kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
     dense = model.generate(**kwargs, **cache_argument(DynamicCache(config=model.config)))
-    assert torch.equal(model.generate(**kwargs, **cache_argument(ButlerCache(model, policy=policy, token_budget=64))), dense)
-    cache = ButlerCache(model, policy=policy, token_budget=12, sink_tokens=2, local_window=2, record_stats=True)
-    model.generate(**kwargs, **cache_argument(cache))
-    steps = [s for s in cache.stats if s.query_length == 1]
-    assert steps and all(s.attended == 12 for s in steps)
-    sparse_prefill = ButlerCache(model, policy=policy, budget_ratio=0.5, sink_tokens=2, local_window=1, sparse_prefill=True)
+    assert torch.equal(model.generate(**kwargs, **cache_argument(_cache(model, policy, token_budget=64))), dense)
+    generated = {}
+    for backend in ("torch", "numba") if NUMBA_AVAILABLE else ("torch",):
+        cache = _cache(model, policy, token_budget=12, sink_tokens=2, local_window=2, record_stats=True, backend=backend)
+        generated[backend] = model.generate(**kwargs, **cache_argument(cache))
+        steps = [s for s in cache.stats if s.query_length == 1]
+        assert steps and all(s.attended == 12 for s in steps)
+    assert all(torch.equal(out, generated["torch"]) for out in generated.values())
+    sparse_prefill = _cache(model, policy, budget_ratio=0.5, sink_tokens=2, local_window=1, sparse_prefill=True)
     with torch.no_grad():
         assert model(input_ids=ids, attention_mask=mask, **cache_argument(sparse_prefill)).logits.isfinite().all()
 

@@ -59,3 +59,25 @@ def test_missing_method_is_named():
 
     with pytest.raises(compat.IncompatibleTransformersError, match=r"transformers 5\.77\.0: .*Layer` has no `crop`"):
         compat.require_method(Layer, "crop", "a cache-layer method", version="5.77.0")
+
+
+def test_a_checkout_root_on_sys_path_is_named_as_the_cause(tmp_path):
+    """Python started in the checkout's root imports its kernels/ folder as the top-level `kernels` module; where
+    transformers imports the PyPI package of that name (5.25 does), butler_cache's import error says so."""
+    import importlib.util
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(compat.__file__).resolve().parents[2]
+    script = "import sys, kernels; import butler_cache.compat as c; print(c.shadowing_kernels_folder())"
+    out = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=120)
+    spec = importlib.util.find_spec("kernels")  # the PyPI package, where installed (not on this process's path)
+    if out.returncode == 0:  # this transformers does not import `kernels`: the import works, the folder is named
+        assert out.stdout.strip() == str(root / "kernels")
+    else:
+        assert spec is not None, out.stderr[-2000:]
+        assert "shadows the PyPI package `kernels`" in out.stderr and str(root / "kernels") in out.stderr
+    neutral = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    if spec is not None:  # from elsewhere: no shadow
+        assert neutral.returncode == 0 and neutral.stdout.strip() == "None", neutral.stderr[-2000:]

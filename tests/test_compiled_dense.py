@@ -7,8 +7,8 @@ import torch
 from transformers import StaticCache
 
 from butler_cache import ButlerCache, ButlerConfig, ButlerPredictor
-from butler_cache.attention import is_attached
 from butler_cache.compat import cache_argument
+from butler_cache.hooks import is_attached
 
 from .conftest import random_batch, tiny_model
 

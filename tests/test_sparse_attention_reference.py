@@ -7,8 +7,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from butler_cache.attention import masked_attention
 from butler_cache.kernels import resolve_backend, sparse_attention, sparse_attention_naive
+from butler_cache.kernels.sparse_attention import masked_attention
 
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 
@@ -88,23 +88,24 @@ def test_backend_resolution(monkeypatch):
         resolve_backend("triton", torch.device("cpu"))
 
 
-def test_numba_compile_notice_shows_once_where_kernels_are_not_cached(monkeypatch, caplog):
-    import butler_cache.kernels as kernels
+def test_numba_compile_notice_shows_once_where_kernels_are_not_cached(monkeypatch, caplog, tmp_path):
+    """The numba backend announces, once per process, that it compiles kernels numba has not cached on disk."""
+    from butler_cache.kernels import cpu_utils
 
-    if not kernels.NUMBA_AVAILABLE:
-        pytest.skip("numba is not installed")
-    monkeypatch.setattr(kernels, "_NUMBA_MODULES", {})
-    monkeypatch.setattr(kernels, "_COMPILE_NOTICE_SHOWN", False)
-    monkeypatch.setattr(kernels, "_numba_cached", lambda name: False)
+    monkeypatch.setattr(cpu_utils, "__file__", str(tmp_path / "cpu_utils.py"))  # kernels looked up in tmp_path
+    monkeypatch.setattr(cpu_utils, "NUMBA_MODULES", ("decode_step_cpu", "scoring/cpu"))
+    (tmp_path / "__pycache__").mkdir()
+    (tmp_path / "__pycache__" / "decode_step_cpu._kernel-1.py311.nbi").touch()  # one of the two cached
+    monkeypatch.setattr(cpu_utils, "_notice_shown", False)
     with caplog.at_level("WARNING", logger="butler_cache"):
-        kernels.numba_module("producer_cpu")
-        kernels.numba_module("scoring.cpu")
+        cpu_utils.announce_compile()
+        cpu_utils.announce_compile()
     notices = [r for r in caplog.records if "compiling the numba CPU decode kernels" in r.getMessage()]
     assert len(notices) == 1
-    monkeypatch.setattr(kernels, "_NUMBA_MODULES", {})
-    monkeypatch.setattr(kernels, "_COMPILE_NOTICE_SHOWN", False)
-    monkeypatch.setattr(kernels, "_numba_cached", lambda name: True)
+    (tmp_path / "scoring" / "__pycache__").mkdir(parents=True)
+    (tmp_path / "scoring" / "__pycache__" / "cpu._kernel-9.py311.nbi").touch()  # now both
+    monkeypatch.setattr(cpu_utils, "_notice_shown", False)
     caplog.clear()
     with caplog.at_level("WARNING", logger="butler_cache"):
-        kernels.numba_module("producer_cpu")
+        cpu_utils.announce_compile()
     assert not caplog.records

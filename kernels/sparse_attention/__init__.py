@@ -6,6 +6,6 @@ against the reference.
 """
 
 from .gathered import gather_rows, sparse_decode_attention_torch
-from .naive import sparse_attention_naive
+from .naive import masked_attention, sparse_attention_naive
 
-__all__ = ["gather_rows", "sparse_attention_naive", "sparse_decode_attention_torch"]
+__all__ = ["gather_rows", "masked_attention", "sparse_attention_naive", "sparse_decode_attention_torch"]

@@ -6,6 +6,7 @@ The Triton kernel (issue "Triton kernels") is tested against this function.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def sparse_attention_naive(
@@ -46,3 +47,20 @@ def sparse_attention_naive(
     probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # all-masked rows -> zeros
     out = torch.einsum("bhgts,bhtsv->bhgtv", probs, v_sel)  # [B, H, G, T, V]
     return out.reshape(B, HQ, T, V).transpose(1, 2).contiguous().to(query.dtype)
+
+
+def masked_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Dense attention restricted by a per-KV-head boolean mask ``[B, H_kv, T, L]``; returns ``[B, T, HQ, D]``.
+
+    The multi-row sparse forwards (``sparse_prefill``) run this. Rows with nothing to attend (left-padding
+    queries) attend to everything, so that they stay finite; their outputs are never read by valid tokens.
+    """
+    groups = query.shape[1] // key.shape[1]
+    mask = mask | ~mask.any(dim=-1, keepdim=True)
+    mask = mask.repeat_interleave(groups, dim=1)  # [B, HQ, T, L]
+    k = key.repeat_interleave(groups, dim=1)
+    v = value.repeat_interleave(groups, dim=1)
+    out = F.scaled_dot_product_attention(query, k, v, attn_mask=mask, scale=scale)
+    return out.transpose(1, 2).contiguous()

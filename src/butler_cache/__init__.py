@@ -7,13 +7,14 @@
 __version__ = "0.1.0"
 
 from .architecture import BaseModelShape, UnsupportedModelError
-from .attention import ATTENTION_NAME, attach, butler_attention_forward, detach, is_attached
+from .attention import ATTENTION_NAME, butler_attention_forward
 from .attentive import AttentivePredictor
 from .budget import TokenBudget
 from .cache import ButlerCache, ButlerLayer, SparseAttentionSettings, StepStats
-from .capture import AttentionCapture, capture_attention
+from .capture import AttentionCapture
 from .config import ButlerConfig
 from .default_model import default_predictor_path, load_default_model
+from .hooks import attach, capture_attention, detach, is_attached
 from .policies import POLICIES, SelectionPolicy, make_policy
 from .predictor import ButlerPredictor
 from .strided import StridedPredictor

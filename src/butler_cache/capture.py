@@ -1,14 +1,12 @@
 """Capturing what the frozen model computes, for distillation and evaluation.
 
-Inside ``with capture_attention(model) as cap:`` every forward of an attached model records, per
+Inside ``with capture_attention(model) as cap:`` (`hooks.capture_attention`) every forward of an attached model records, per
 decoder layer, the post-RoPE queries and keys its attention saw and the inputs of the layer. Queries
 and keys are small (``[B, H, T, D]``); attention matrices are never stored.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
@@ -26,6 +24,7 @@ class AttentionCapture:
     keys: dict[int, torch.Tensor] = field(default_factory=dict)  # [B, H_kv, T, D]
     scales: dict[int, float] = field(default_factory=dict)  # the softmax scale of each layer
     inputs: dict[int, LayerInput] = field(default_factory=dict)
+    key_padding: torch.Tensor | None = None  # [B, L] 2-D padding mask of the forward in flight (set by the hooks)
 
     def record_attention(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, scale: float | None) -> None:
         if self.layers is None or layer_idx in self.layers:
@@ -38,17 +37,3 @@ class AttentionCapture:
 
 
 CAPTURE: ContextVar[AttentionCapture | None] = ContextVar("butler_cache_capture", default=None)
-
-
-@contextmanager
-def capture_attention(model: torch.nn.Module, layers: set[int] | None = None) -> Iterator[AttentionCapture]:
-    """Record queries, keys and layer inputs of ``model``'s forwards (the model is attached if needed)."""
-    from .attention import attach
-
-    attach(model)
-    capture = AttentionCapture(frozenset(layers) if layers is not None else None)
-    token = CAPTURE.set(capture)
-    try:
-        yield capture
-    finally:
-        CAPTURE.reset(token)

@@ -9,7 +9,9 @@ the missing piece, never with a deep AttributeError; and a release newer than th
 from __future__ import annotations
 
 import importlib
+import sys
 import warnings
+from pathlib import Path
 from typing import Any
 
 import transformers
@@ -55,11 +57,30 @@ def require(module: str, name: str, role: str, version: str | None = None) -> An
     version = version or transformers.__version__
     try:
         return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as error:
+    except ImportError as error:
+        if shadow := shadowing_kernels_folder():
+            raise ImportError(
+                f"importing `{module}.{name}` failed ({error}): the folder {shadow} of a butler_cache checkout, first on "
+                "sys.path, shadows the PyPI package `kernels` that transformers imports; run Python from another "
+                "folder, or as `python -P` (pytest: the `pytest` script, not `python -m pytest`)"
+            ) from error
+        raise IncompatibleTransformersError(
+            f"transformers {version}: importing `{module}.{name}` failed ({error}); butler_cache needs it as {role} "
+            f"(tested with transformers {TESTED_RANGE[0]} to {TESTED_RANGE[1]})"
+        ) from error
+    except AttributeError as error:
         raise IncompatibleTransformersError(
             f"transformers {version} has no `{module}.{name}`, which butler_cache needs as {role} (tested with "
             f"transformers {TESTED_RANGE[0]} to {TESTED_RANGE[1]}: pip install 'transformers<={TESTED_RANGE[1]}')"
         ) from error
+
+
+def shadowing_kernels_folder() -> Path | None:
+    """The repository's top-level ``kernels/`` folder where it has been imported as the top-level module ``kernels``
+    (Python started in the checkout's root puts it first on sys.path), else None."""
+    module = sys.modules.get("kernels")
+    folder = Path(getattr(module, "__file__", None) or ".").parent
+    return folder if (folder / "aot.py").is_file() and (folder.parent / "src" / "butler_cache").is_dir() else None
 
 
 def require_method(owner: type, name: str, role: str, version: str | None = None) -> None:

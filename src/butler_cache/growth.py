@@ -23,7 +23,6 @@ from typing import Any
 import torch
 
 from .compat import DynamicLayer
-from .kernels.cpu_utils import FlatView, flat_view
 
 # spare rows allocated on top of what is needed: at least this many, and at least 1/8 of the length,
 # so that reallocation copies amortise to a few rows per appended token.
@@ -79,13 +78,10 @@ class GrowingLayer(DynamicLayer):
         super().__init__()
         # storages that the tensors of the same name are prefix views of
         self._storage: dict[str, torch.Tensor | None] = {"keys": None, "values": None}
-        self._flat_storage: dict[str, FlatView] = {}  # `flat_view`s of CPU storages, made on demand (`flat_storage`)
 
     def _append(self, name: str, new: torch.Tensor, feature_major: bool = False) -> torch.Tensor:
         storage = self._storage[name]
         view, self._storage[name] = append_rows(getattr(self, name), storage, new, feature_major)
-        if self._storage[name] is not storage:
-            self._flat_storage.pop(name, None)
         setattr(self, name, view)
         return view
 
@@ -103,15 +99,8 @@ class GrowingLayer(DynamicLayer):
         storage go); `spare_rows` says whether the tensor is still a prefix view of it."""
         return self._storage[name]
 
-    def flat_storage(self, name: str) -> FlatView:
-        """`kernels.cpu_utils.flat_view` of the CPU storage behind tensor ``name`` (kept until it is replaced)."""
-        if name not in self._flat_storage:
-            self._flat_storage[name] = flat_view(self._storage[name])
-        return self._flat_storage[name]
-
     def _release_storage(self) -> None:
         self._storage = dict.fromkeys(self._storage)
-        self._flat_storage = {}
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any

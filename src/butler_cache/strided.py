@@ -13,7 +13,6 @@ from torch import nn
 
 from .compat import DynamicLayer
 from .config import ButlerConfig
-from .kernels import numba_module
 from .predictor import ButlerPredictor, Importance, LayerInput
 
 
@@ -32,9 +31,10 @@ class ImportanceQueryProducer(nn.Module):
         """``[B, T, D]`` -> ``[num_layers, B, HQ, T, d']``. ``backend="numba"``: the few rows of a decode step in one
         compiled call (`kernels/producer_cpu.py`) where it serves them, this module's operators otherwise."""
         B, T, _ = hidden_states.shape
-        kernel = numba_module("producer_cpu") if backend == "numba" else None
-        if kernel is not None and kernel.serves(self.norm, self.up, self.down, hidden_states):
-            out = kernel.importance_queries_cpu(self.norm, self.up, self.down, hidden_states)
+        if backend == "numba":
+            from .kernels import producer_cpu  # compiled on first use (the numba backend announces it)
+        if backend == "numba" and producer_cpu.serves(self.norm, self.up, self.down, hidden_states):
+            out = producer_cpu.importance_queries_cpu(self.norm, self.up, self.down, hidden_states)
         else:
             out = self.down(self.act(self.up(self.norm(hidden_states))))  # [B, T, n * HQ * d']
         return out.view(B, T, self.num_layers, self.num_heads, self.dim).permute(2, 0, 3, 1, 4)

@@ -1,4 +1,4 @@
-"""`NumbaDecodeStep`: the numba decode path a `ButlerLayer` keeps between steps serves exactly while it may, and
+"""`NumbaDecodeStep`: the state the numba backend of a `ButlerLayer` keeps between steps serves exactly while it may, and
 gives what the PyTorch path gives."""
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def _setup(batch: int = 2):
 
 def _count_step_calls(monkeypatch) -> list[int]:
     """Calls of the fused kernel through a `NumbaDecodeStep` (the general path goes through butler_decode_cpu)."""
-    from butler_cache.numba_step import NumbaDecodeStep
+    from butler_cache.decode.numba_backend import NumbaDecodeStep
 
     calls = [0]
     attend = NumbaDecodeStep.attend
@@ -107,7 +107,7 @@ def test_step_serves_again_after_cache_operations(monkeypatch):
         cache.crop(-3)
         if backend == "numba":
             assert calls[0] > 0
-            assert all(layer.numba_step is None for layer in cache.layers if isinstance(layer, ButlerLayer))
+            assert all((layer.backend.step_state is None) for layer in cache.layers if isinstance(layer, ButlerLayer))
             calls[0] = 0
         again = torch.cat([first[:, :-3], first[:, -3:].flip(1)], dim=1)
         second = model.generate(input_ids=again, max_new_tokens=4, do_sample=False, **cache_argument(cache))
@@ -125,7 +125,7 @@ def test_dropped_numba_cache_frees_its_storages_without_the_garbage_collector():
     cache = ButlerCache(model, predictor, token_budget=12, sink_tokens=2, local_window=2, backend="numba")
     model.generate(input_ids=ids, max_new_tokens=3, do_sample=False, **cache_argument(cache))
     layer = cache.layers[cache.sparse_layers[0]]
-    assert layer.numba_step is not None
+    assert layer.backend.step_state is not None
     storage = weakref.ref(layer._storage["keys"])
     gc.disable()
     try:

@@ -6,8 +6,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..budget import TokenBudget
-from ..cache import ButlerLayer, SparseAttentionSettings
-from ..capture import capture_attention
+from ..hooks import capture_attention
+from ..layer import ButlerLayer, SparseAttentionSettings
 from ..metrics import recall_at_k, token_hit_accuracy
 from ..policies import ScoringInputs, group_max_probabilities, make_policy
 from ..predictor import ButlerPredictor

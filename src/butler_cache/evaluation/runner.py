@@ -7,9 +7,10 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import tqdm
 
-from ..cache import ACTIVE_LAYER, ButlerCache, ButlerLayer
+from ..cache import ButlerCache
 from ..compat import DynamicCache, DynamicLayer, cache_argument
 from ..growth import GrowingLayer
+from ..layer import ButlerLayer
 from ..predictor import ButlerPredictor
 from .coref import CorefExample
 from .longctx import LongContextExample
@@ -87,7 +88,6 @@ def copy_prefill(source: DynamicCache, cache):
     """Fill an empty ``cache`` with the K/V of ``source`` (ButlerLayers derive their importance keys)."""
     for target, layer in zip(cache.layers, source.layers, strict=True):
         target.update(layer.keys, layer.values)  # both layer types copy on update
-    ACTIVE_LAYER.set(None)
     return cache
 
 

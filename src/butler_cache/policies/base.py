@@ -8,8 +8,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 if TYPE_CHECKING:
-    from ..budget import TokenBudget
-    from ..cache import ButlerLayer
+    from ..layer import ButlerLayer
     from ..selection import Selection
 
 POLICIES: dict[str, type[SelectionPolicy]] = {}
@@ -50,18 +49,6 @@ class SelectionPolicy:
 
     def score(self, inputs: ScoringInputs) -> torch.Tensor:
         raise NotImplementedError
-
-    def select_decode(self, inputs: ScoringInputs, budget: TokenBudget) -> Selection | None:
-        """A fused scoring + selection for one unpadded decode row (``inputs.all_valid``), or None to have the
-        cache run `score` and `select_decode_tokens`. Must select what those would, up to ties."""
-        return None
-
-    def attend_decode(self, inputs: ScoringInputs, value: torch.Tensor, budget: TokenBudget) -> torch.Tensor | None:
-        """A fused score + select + attend for one unpadded decode row, ``[B, 1, HQ, Dv]``, or None to have the
-        cache run the separate steps. Only asked when nothing else needs the selection (no stats, not stateful);
-        a policy that serves a cache with a prediction interval or neighbour fetching (``inputs.layer.settings``)
-        must honour them as the separate steps do, or return None."""
-        return None
 
     def observe(self, inputs: ScoringInputs, selection: Selection | None) -> None:
         """Stateful policies: update per-token state (``inputs.layer.token_state``) after a forward.

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..capture import capture_attention
+from ..hooks import capture_attention
 from ..kernels import check_backend
 from ..metrics import recall_at_k, token_hit_accuracy
 from ..policies import group_max_probabilities
