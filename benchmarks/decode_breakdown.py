@@ -139,7 +139,7 @@ def probes(model, butler: ButlerCache, repeats: int = 50) -> dict[str, float]:
     out["key_projection_warm_us"] = _median_us(lambda: project(layers[0]), repeats)
     out["key_projection_cold_us"] = _median_us(each_layer_in_turn(project), repeats, stream_weights)
     if butler.settings.backend == "numba":
-        from butler_cache.kernels.decode_step_cpu import butler_decode_cpu
+        from butler_cache.kernels.decode_step.cpu import butler_decode_cpu
 
         budget = butler.settings.budget
         queries = torch.randn(1, model.config.num_attention_heads, 1, layers[0].importance_keys.shape[-1])
@@ -187,7 +187,7 @@ def main() -> None:
         stack.enter_context(bench.timed_attribute(butler, "on_layer_input", watches["producers"]))
         stack.enter_context(bench.timed_attribute(ButlerLayer, "update", watches["cache updates"]))
         if args.backend == "numba":
-            from butler_cache.kernels import decode_step_cpu
+            from butler_cache.kernels.decode_step import cpu as decode_step_cpu
 
             stack.enter_context(bench.timed_attribute(decode_step_cpu, "_decode_step_kernel", watches["kernel"]))
         for step in tqdm(range(args.steps + 2), desc="steps", leave=False):

@@ -19,7 +19,7 @@ NUMBA_AVAILABLE = importlib.util.find_spec("numba") is not None
 
 # the numba kernel modules, as paths below this folder (their compiled code lies in numba's on-disk cache,
 # ``__pycache__/<module>.*.nbi``, written by ``cache=True``)
-NUMBA_MODULES = ("cache_update_cpu", "decode_step_cpu", "producer_cpu", "scoring/cpu", "sparse_attention/cpu")
+NUMBA_MODULES = ("cache_update/cpu", "decode_step/cpu", "producer/cpu", "scoring/cpu", "sparse_attention/cpu")
 _notice_shown = False
 logger = logging.getLogger("butler_cache")
 

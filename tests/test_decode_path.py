@@ -133,7 +133,7 @@ def _stack_files_at(monkeypatch, module, function: str, run) -> list[list[str]]:
 def _kernel(backend: str, fused: bool):
     """The module and function a decode step's attention ends in, per backend."""
     if backend == "numba" and fused:
-        from butler_cache.kernels import decode_step_cpu
+        from butler_cache.kernels.decode_step import cpu as decode_step_cpu
 
         return decode_step_cpu, "decode_step_flat"
     if backend == "numba":

@@ -93,9 +93,9 @@ def test_numba_compile_notice_shows_once_where_kernels_are_not_cached(monkeypatc
     from butler_cache.kernels import cpu_utils
 
     monkeypatch.setattr(cpu_utils, "__file__", str(tmp_path / "cpu_utils.py"))  # kernels looked up in tmp_path
-    monkeypatch.setattr(cpu_utils, "NUMBA_MODULES", ("decode_step_cpu", "scoring/cpu"))
-    (tmp_path / "__pycache__").mkdir()
-    (tmp_path / "__pycache__" / "decode_step_cpu._kernel-1.py311.nbi").touch()  # one of the two cached
+    monkeypatch.setattr(cpu_utils, "NUMBA_MODULES", ("decode_step/cpu", "scoring/cpu"))
+    (tmp_path / "decode_step" / "__pycache__").mkdir(parents=True)
+    (tmp_path / "decode_step" / "__pycache__" / "cpu._kernel-1.py311.nbi").touch()  # one of the two cached
     monkeypatch.setattr(cpu_utils, "_notice_shown", False)
     with caplog.at_level("WARNING", logger="butler_cache"):
         cpu_utils.announce_compile()

@@ -1,5 +1,5 @@
 """Token scoring for selection: `score_reference` (PyTorch) and, in `decode.py`, its Triton kernel."""
 
-from .reference import score_reference
+from .naive import score_reference
 
 __all__ = ["score_reference"]

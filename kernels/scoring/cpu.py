@@ -11,7 +11,7 @@ backend) are read with unit stride; row-major keys work too, more slowly. Import
 head (the strided predictor's, shared by the group) or per query head (the attentive predictor's).
 The sinks and the window come first in each row, the top-k after them in position order. The pieces
 (`logits_and_partial_lse`, `merge_lse`, `rank_keys`, `select_from_keys`) also make up the fused decode
-step (`decode_step_cpu`), which runs them over token ranges in parallel.
+step (`decode_step/cpu.py`), which runs them over token ranges in parallel.
 """
 
 from __future__ import annotations

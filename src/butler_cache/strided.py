@@ -13,6 +13,7 @@ from torch import nn
 
 from .compat import DynamicLayer
 from .config import ButlerConfig
+from .kernels.producer import importance_queries_naive
 from .predictor import ButlerPredictor, Importance, LayerInput
 
 
@@ -24,19 +25,20 @@ class ImportanceQueryProducer(nn.Module):
         self.num_layers, self.num_heads, self.dim = num_layers, num_heads, dim
         self.norm = nn.LayerNorm(hidden_size)
         self.up = nn.Linear(hidden_size, intermediate_size)
-        self.act = nn.SiLU()
         self.down = nn.Linear(intermediate_size, num_layers * num_heads * dim)
 
     def forward(self, hidden_states: torch.Tensor, backend: str = "torch") -> torch.Tensor:
         """``[B, T, D]`` -> ``[num_layers, B, HQ, T, d']``. ``backend="numba"``: the few rows of a decode step in one
-        compiled call (`kernels/producer_cpu.py`) where it serves them, this module's operators otherwise."""
+        compiled call (`kernels/producer/cpu.py`) where it serves them, this module's operators otherwise."""
         B, T, _ = hidden_states.shape
         if backend == "numba":
-            from .kernels import producer_cpu  # compiled on first use (the numba backend announces it)
+            from .kernels.producer import (
+                cpu as producer_cpu,  # compiled on first use (the numba backend announces it)
+            )
         if backend == "numba" and producer_cpu.serves(self.norm, self.up, self.down, hidden_states):
             out = producer_cpu.importance_queries_cpu(self.norm, self.up, self.down, hidden_states)
         else:
-            out = self.down(self.act(self.up(self.norm(hidden_states))))  # [B, T, n * HQ * d']
+            out = importance_queries_naive(self.norm, self.up, self.down, hidden_states)  # [B, T, n * HQ * d']
         return out.view(B, T, self.num_layers, self.num_heads, self.dim).permute(2, 0, 3, 1, 4)
 
 

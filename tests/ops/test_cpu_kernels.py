@@ -14,6 +14,9 @@ from butler_cache import ButlerCache, ButlerConfig, ButlerPredictor
 from butler_cache.budget import TokenBudget
 from butler_cache.compat import cache_argument
 from butler_cache.kernels import NUMBA_AVAILABLE
+from butler_cache.kernels.cache_update import append_and_project_naive
+from butler_cache.kernels.cpu_utils import flat_view
+from butler_cache.kernels.decode_step import butler_decode_naive, group_scores
 from butler_cache.kernels.scoring import score_reference
 from butler_cache.kernels.sparse_attention import sparse_attention_naive
 from butler_cache.selection import select_decode_tokens, with_neighbors
@@ -27,14 +30,6 @@ def _keys(B, H, L, E, spare, feature_major, gen):
     if feature_major:  # what ButlerLayer keeps with the numba backend: [B, H, E, capacity] memory
         return torch.randn(B, H, E, L + spare, generator=gen).transpose(-1, -2)[:, :, :L]
     return torch.randn(B, H, L + spare, E, generator=gen)[:, :, :L]
-
-
-def _group_scores(q, k, scale, kv_heads):
-    """`score_reference` for importance keys per KV head, or per query head (the attentive predictor's: each query
-    head ranked by its own keys, then the max over each KV head's group) -> ``[B, H, 1, L]``."""
-    scores = score_reference(q, k, scale)  # [B, H_k, 1, L]
-    B, H_k, _, L = scores.shape
-    return scores.view(B, kv_heads, H_k // kv_heads, 1, L).amax(2)
 
 
 @settings(max_examples=20)
@@ -56,7 +51,7 @@ def test_fused_scoring_selects_the_reference_top_k(B, H, G, L, E, sinks, window,
     k = _keys(B, H * G if per_query_head else H, L, E, spare, feature_major, gen)
     got = score_select_decode_cpu(q, k, E**-0.5, sinks, window, n, kv_heads=H)  # [B, H, 1, n]
     assert got.shape == (B, H, 1, n)
-    scores = _group_scores(q, k, E**-0.5, H)  # [B, H, 1, L]
+    scores = group_scores(q, k, E**-0.5, H)  # [B, H, 1, L]
     ref = select_decode_tokens(scores, TokenBudget(n, None, sinks, window))
     for b in range(B):
         for h in range(H):
@@ -153,13 +148,12 @@ def _fused_step_case(B, H, G, L, E, D, n, spare, strided, seed, sinks=4, window=
     ik = _keys(B, H * G if per_query_head else H, L, E, spare, True, gen)
     k = torch.randn(B, H, L + spare, D, generator=gen)[:, :, :L]
     v = torch.randn(B, H, L + spare, D, generator=gen)[:, :, :L]
-    scores = _group_scores(qi, ik, E**-0.5, H)
+    scores = group_scores(qi, ik, E**-0.5, H)
     middle = scores[..., sinks : L - window].sort(-1, descending=True).values
     m = n - sinks - window
     if 0 < m < middle.shape[-1] and (middle[..., m - 1] - middle[..., m]).min() <= 1e-4:
         return None
-    selection = select_decode_tokens(scores, TokenBudget(n, None, sinks, window))
-    ref = sparse_attention_naive(q.double(), k.double(), v.double(), selection.indices, selection.keep, D**-0.5)
+    ref = butler_decode_naive(qi, ik, E**-0.5, q.double(), k.double(), v.double(), D**-0.5, sinks, window, n)
     return (qi, ik, E**-0.5, q, k, v, D**-0.5, sinks, window, n), ref
 
 
@@ -173,7 +167,7 @@ def test_fused_decode_step_matches_the_separate_references(B, H, G, L, E, D, fra
     """score + select + attend in one call == sparse_attention_naive over the reference selection, however each
     (b, h) is split into parts (empty parts included); the queries may be strided views (as the model and the
     producers hand them over)."""
-    from butler_cache.kernels.decode_step_cpu import butler_decode_cpu
+    from butler_cache.kernels.decode_step.cpu import butler_decode_cpu
 
     n = 12 + int(frac * (L - 13))
     case = _fused_step_case(B, H, G, L, E, D, n, spare, strided, seed, per_query_head=per_query_head)
@@ -187,7 +181,7 @@ def test_fused_decode_step_matches_the_separate_references(B, H, G, L, E, D, fra
 @pytest.mark.parametrize("B, H", [(1, 1), (1, 3), (2, 2)])
 def test_fused_decode_step_with_the_default_splits(B, H):
     """At a context long enough for several parts per (b, h) on this machine's threads (`default_splits`)."""
-    from butler_cache.kernels.decode_step_cpu import butler_decode_cpu
+    from butler_cache.kernels.decode_step.cpu import butler_decode_cpu
 
     L, n = 4100, 300
     for seed in range(5):
@@ -206,7 +200,7 @@ def test_fused_decode_step_keeps_and_reuses_a_prediction(B, H, G, L, frac, back,
     """The prediction interval and neighbour fetching in the fused step: ``return_scores`` gives `score_reference`'s
     scores (past the sinks), and a step reusing a prediction made ``L - L'`` tokens earlier attends to what
     `select_decode_tokens` selects from it (the tokens added since ranked first), with `with_neighbors` added."""
-    from butler_cache.kernels.decode_step_cpu import butler_decode_cpu
+    from butler_cache.kernels.decode_step.cpu import butler_decode_cpu
 
     E, D, sinks, window = 16, 32, 4, 3
     n = sinks + window + 1 + int(frac * (L - sinks - window - 2))
@@ -248,7 +242,7 @@ def test_fused_decode_step_keeps_and_reuses_a_prediction(B, H, G, L, frac, back,
 
 
 def test_fused_decode_step_refuses_a_prediction_of_another_shape():
-    from butler_cache.kernels.decode_step_cpu import butler_decode_cpu
+    from butler_cache.kernels.decode_step.cpu import butler_decode_cpu
 
     qi, ik = torch.randn(1, 2, 1, 8), torch.randn(1, 1, 40, 8)
     q, k = torch.randn(1, 2, 1, 16), torch.randn(1, 1, 40, 16)
@@ -261,7 +255,7 @@ def test_fused_decode_step_refuses_a_prediction_of_another_shape():
 
 @given(pairs=st.integers(1, 64), L=st.integers(1, 200_000), frac=st.floats(0.0, 1.0), threads=st.integers(1, 128))
 def test_default_splits_keep_every_thread_busy_within_the_minimum_part_sizes(pairs, L, frac, threads):
-    from butler_cache.kernels.decode_step_cpu import (
+    from butler_cache.kernels.decode_step.cpu import (
         MIN_ATTENDED_PER_PART,
         MIN_SCORED_PER_PART,
         default_splits,
@@ -280,7 +274,7 @@ def test_default_splits_keep_every_thread_busy_within_the_minimum_part_sizes(pai
 
 def test_cpu_kernels_refuse_importance_keys_for_another_head_count():
     """Importance keys must be per KV head or per query head; anything else is named in the error."""
-    from butler_cache.kernels.decode_step_cpu import butler_decode_cpu
+    from butler_cache.kernels.decode_step.cpu import butler_decode_cpu
     from butler_cache.kernels.scoring.cpu import score_select_decode_cpu
 
     args, _ = _fused_step_case(1, 2, 3, 64, 8, 16, 20, 0, False, 0)  # 2 KV heads, 6 query heads
@@ -292,16 +286,16 @@ def test_cpu_kernels_refuse_importance_keys_for_another_head_count():
 
 
 def test_fused_decode_step_refuses_empty_splits():
-    from butler_cache.kernels.decode_step_cpu import butler_decode_cpu
+    from butler_cache.kernels.decode_step.cpu import butler_decode_cpu
 
     args, _ = _fused_step_case(1, 1, 2, 64, 8, 16, 20, 0, False, 0)
     with pytest.raises(ValueError, match="splits"):
         butler_decode_cpu(*args, splits=(0, 1))
 
 
-FUSED_STEP, FLAT_STEP = "decode_step_cpu.butler_decode_cpu", "decode_step_cpu.decode_step_flat"
+FUSED_STEP, FLAT_STEP = "decode_step.cpu.butler_decode_cpu", "decode_step.cpu.decode_step_flat"
 SCORING, ATTENTION = "scoring.cpu.score_select_decode_cpu", "sparse_attention.cpu.sparse_decode_attention_cpu"
-UPDATE, PRODUCER = "cache_update_cpu.append_and_project_cpu", "producer_cpu.importance_queries_cpu"
+UPDATE, PRODUCER = "cache_update.cpu.append_and_project_cpu", "producer.cpu.importance_queries_cpu"
 
 
 @pytest.mark.parametrize(
@@ -383,7 +377,7 @@ def test_fused_cache_update_keeps_what_the_separate_appends_keep(steps, B, kv_he
     while the storages have room) holds what the PyTorch backend holds (three appends and the projection),
     through updates that fit, updates that outgrow the storages, crops and tensor-replacing operations."""
     from butler_cache import ButlerLayer, SparseAttentionSettings, TokenBudget
-    from butler_cache.kernels import cache_update_cpu
+    from butler_cache.kernels.cache_update import cpu as cache_update_cpu
     from butler_cache.policies import make_policy
 
     model = tiny_model("llama", seed=1, num_attention_heads=2 * kv_heads, num_key_value_heads=kv_heads)
@@ -418,3 +412,20 @@ def test_fused_cache_update_keeps_what_the_separate_appends_keep(steps, B, kv_he
             torch.testing.assert_close(numba_layer.values, layers["torch"].values, rtol=0, atol=0)
             torch.testing.assert_close(numba_layer.importance_keys, layers["torch"].importance_keys)
     assert fused.call_count == expected_fused  # the compiled update ran exactly when the storages had room
+
+
+@settings(max_examples=25)
+@given(B=st.integers(1, 2), H=st.integers(1, 3), T=st.integers(1, 5), L=st.integers(0, 40), D=st.sampled_from([8, 16]),
+       E=st.sampled_from([4, 8]), spare=st.integers(0, 6), seed=st.integers(0, 2**31 - 1))
+def test_compiled_cache_update_matches_the_reference(B, H, T, L, D, E, spare, seed):
+    """`append_and_project_cpu` writes into the storages' spare rows what `append_and_project_naive` appends."""
+    from butler_cache.kernels.cache_update.cpu import append_and_project_cpu
+
+    gen = torch.Generator().manual_seed(seed)
+    storages = [torch.randn(B, H, L + T + spare, width, generator=gen) for width in (D, D, E)]
+    new_k, new_v = torch.randn(B, H, T, D, generator=gen), torch.randn(B, H, T, D, generator=gen)
+    weight = torch.randn(H, D, E, generator=gen)
+    ref = append_and_project_naive(*(s[:, :, :L] for s in storages), new_k, new_v, weight)
+    append_and_project_cpu(new_k, new_v, weight, *(flat_view(s) for s in storages), L)
+    for got, want in zip(storages, ref, strict=True):
+        torch.testing.assert_close(got[:, :, : L + T], want, rtol=1e-5, atol=1e-5)

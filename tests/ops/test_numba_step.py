@@ -144,7 +144,7 @@ def test_step_hands_over_when_the_storages_fill_up(settings, monkeypatch):
     Generation through those hand-overs equals the PyTorch path's, also where the two fused calls hand a kept
     prediction to each other."""
     from butler_cache import growth
-    from butler_cache.kernels import decode_step_cpu
+    from butler_cache.kernels.decode_step import cpu as decode_step_cpu
 
     monkeypatch.setattr(growth, "MIN_SPARE_ROWS", 2)
     monkeypatch.setattr(growth, "SPARE_FRACTION", 10**6)  # no proportional room either

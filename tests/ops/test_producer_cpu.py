@@ -1,4 +1,4 @@
-"""The compiled importance-query producer (`kernels/producer_cpu.py`) against the PyTorch module it stands for."""
+"""The compiled importance-query producer (`kernels/producer/cpu.py`) against the PyTorch module it stands for."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def _producer(D: int, I: int, layers: int, heads: int, E: int, seed: int) -> Imp
 def test_compiled_producer_matches_the_module(B, T, D, I, layers, heads, E, offset, seed):
     """Any batch of a few rows, widths and an offset in the hidden states (LayerNorm's statistics): the compiled
     call gives the module's importance queries, in the module's ``[num_layers, B, HQ, T, d']`` layout."""
-    from butler_cache.kernels import producer_cpu
+    from butler_cache.kernels.producer import cpu as producer_cpu
 
     producer = _producer(D, I, layers, heads, E, seed)
     hidden = torch.randn(B, T, D, generator=torch.Generator().manual_seed(seed)) * 2 + offset
@@ -45,7 +45,7 @@ def test_compiled_producer_matches_the_module(B, T, D, I, layers, heads, E, offs
 def test_compiled_producer_serves_only_what_it_computes_alike(monkeypatch):
     """Autograd, prefill-sized row counts, other dtypes and modules that are not plain LayerNorm / Linear (a LoRA
     wrapper, say) stay with the module's operators."""
-    from butler_cache.kernels import producer_cpu
+    from butler_cache.kernels.producer import cpu as producer_cpu
 
     producer = _producer(16, 8, 2, 3, 4, seed=0)
     hidden = torch.randn(2, 1, 16)

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from butler_cache import ButlerCache, ButlerConfig, ButlerPredictor
 from butler_cache.compat import cache_argument
 from butler_cache.kernels.scoring.decode import score_decode
-from butler_cache.kernels.scoring.reference import score_reference
+from butler_cache.kernels.scoring.naive import score_reference
 from butler_cache.policies import group_max_probabilities
 
 from ..conftest import random_batch, tiny_model

@@ -1,8 +1,8 @@
 """`NumbaBackend`: a sparse layer's decode step on the CPU in numba-compiled kernels (float32 tensors).
 
 Everything numba-specific lives here. With the butler policy a decode step is two compiled calls: the cache
-update (`kernels/cache_update_cpu.py`: the new K/V rows and their importance keys written into the storages'
-spare rows) and the fused score + select + attend (`kernels/decode_step_cpu.py`). Where those cannot serve (a
+update (`kernels/cache_update/cpu.py`: the new K/V rows and their importance keys written into the storages'
+spare rows) and the fused score + select + attend (`kernels/decode_step/cpu.py`). Where those cannot serve (a
 stateful policy, recorded stats, padding, other dtypes) the step runs the PyTorch path with compiled scoring and
 attention kernels where they apply. The importance keys are kept feature-major (`growth.append_rows`): the scoring
 kernels stream over the tokens one feature at a time.
@@ -28,7 +28,8 @@ from ..selection import Selection
 from .torch_backend import TorchBackend
 
 announce_compile()  # compiling the kernels below takes tens of seconds in a process that numba has not cached them for
-from ..kernels import cache_update_cpu, decode_step_cpu  # noqa: E402
+from ..kernels.cache_update import cpu as cache_update_cpu  # noqa: E402
+from ..kernels.decode_step import cpu as decode_step_cpu  # noqa: E402
 from ..kernels.scoring import cpu as scoring_cpu  # noqa: E402
 from ..kernels.sparse_attention import cpu as sparse_attention_cpu  # noqa: E402
 

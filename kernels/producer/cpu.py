@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .numba_math import FASTMATH
+from ..numba_math import FASTMATH
 
 # more rows than this (prefill) go through the PyTorch module: its matrix products beat these row loops there
 MAX_ROWS = 16

@@ -14,8 +14,8 @@ import numba
 import numpy as np
 import torch
 
-from .cpu_utils import FlatView
-from .numba_math import FASTMATH
+from ..cpu_utils import FlatView
+from ..numba_math import FASTMATH
 
 
 @numba.njit(fastmath=FASTMATH, nogil=True, cache=True, error_model="numpy")

@@ -24,9 +24,9 @@ import numba
 import numpy as np
 import torch
 
-from .cpu_utils import FlatImportanceKeys, FlatRows, check_row_budget, flat_rows, importance_key_strides
-from .numba_math import FASTMATH
-from .scoring.cpu import (
+from ..cpu_utils import FlatImportanceKeys, FlatRows, check_row_budget, flat_rows, importance_key_strides
+from ..numba_math import FASTMATH
+from ..scoring.cpu import (
     add_neighbours,
     group_max_log_probs,
     logits_and_partial_lse,
@@ -34,7 +34,7 @@ from .scoring.cpu import (
     select_from_keys,
     sortable_keys,
 )
-from .sparse_attention.cpu import attend_partial, merge_partials
+from ..sparse_attention.cpu import attend_partial, merge_partials
 
 # a part of a (b, h) has at least this many tokens to score and rows to attend (set so that a part's work stays
 # well above a thread hand-off, about 2 us here; not tuned further)
