@@ -114,7 +114,11 @@ def test_growing_layer_equals_dynamic_layer(ops, heads, dim):
             grown.batch_select_indices(keep), plain.batch_select_indices(keep)
             batch = len(keep)
         elif op[0] == "reset":
+            # a reset layer is an empty one (transformers 5.25 drops the tensors; 5.17 zeroed them in place and kept
+            # their length, which GrowingLayer does not follow on any release)
             grown.reset(), plain.reset()
+            if plain.get_seq_length():
+                plain = DynamicLayer()
             batch = 2
         assert grown.get_seq_length() == plain.get_seq_length()
         if plain.get_seq_length():

@@ -17,6 +17,7 @@ from torch import nn
 
 from .compat import DynamicLayer
 from .config import ButlerConfig
+from .growth import GrowingLayer
 from .predictor import ButlerPredictor, Importance, LayerInput
 from .selection import validity_from_padding
 
@@ -61,7 +62,7 @@ class AttentivePredictor(ButlerPredictor):
         return self.config.base_model.num_attention_heads
 
     def new_state(self) -> DynamicLayer:
-        return DynamicLayer()  # the self-attention block's K/V, [B, heads, L, d / heads]
+        return GrowingLayer()  # the self-attention block's K/V, [B, heads, L, d / heads] (empty again after a reset)
 
     def produce(
         self, layer_idx: int, inputs: LayerInput, state: DynamicLayer | None = None, *, backend: str = "torch"

@@ -110,7 +110,11 @@ class GrowingLayer(DynamicLayer):
         return self._append("keys", key_states), self._append("values", value_states)
 
     def reset(self) -> None:
-        super().reset()
+        # Dropped rather than zeroed (transformers 5.17 zeroes a DynamicLayer's tensors in place and keeps their
+        # length): an update after a reset starts from an empty layer on every supported release.
+        self.keys = self.values = None
+        self.is_initialized = False
+        super().reset()  # skips the zeroing now; resets what inheriting layers count
         self._release_storage()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
