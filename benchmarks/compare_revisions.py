@@ -5,9 +5,10 @@
 The base revision is exported (``git archive``) into a temporary folder and laid out as the installed package is
 (``src/butler_cache`` with ``kernels/`` and ``integrations/`` inside); the working tree is the other side. Each
 repeat runs ``benchmarks/decode_cpu.py`` of each revision (its own script, arguments after ``--``) in a fresh
-process, alternately (after one short warm-up run each, which compiles its numba kernels), so that drifts of the machine hit both alike. Reported per configuration: the median, over
-repeats, of ms per decode step and of the ratio to DynamicCache measured inside the same process, and the after /
-before ratio of the medians.
+process, the two sides one after the other, the one going first alternating between repeats (after one short
+warm-up run each, which compiles its numba kernels), so that drifts of the machine hit both alike. Reported per
+configuration: the median, over repeats, of ms per decode step and of the ratio to DynamicCache measured inside the
+same process, and the after / before ratio of the medians.
 """
 
 from __future__ import annotations
@@ -70,7 +71,8 @@ def main(argv: list[str] | None = None) -> None:
                           tmp / f"{side}-warmup.json")
         with tqdm(total=args.repeats * len(sides), desc="benchmark runs") as bar:
             for repeat in range(args.repeats):
-                for side, (script, path) in sides.items():
+                order = list(sides.items()) if repeat % 2 == 0 else list(sides.items())[::-1]  # who goes first alternates
+                for side, (script, path) in order:
                     rows[side].append(run_benchmark(script, path, args.benchmark_args, tmp / f"{side}-{repeat}.json"))
                     bar.update()
     summary = []

@@ -24,18 +24,9 @@ def group_scores(importance_queries: torch.Tensor, importance_keys: torch.Tensor
 
 
 def butler_decode_naive(
-    importance_queries: torch.Tensor,
-    importance_keys: torch.Tensor,
-    importance_scale: float,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    scale: float,
-    sinks: int,
-    window: int,
-    n: int,
-    *,
-    neighbours: bool = False,
+    importance_queries: torch.Tensor, importance_keys: torch.Tensor, importance_scale: float,
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, sinks: int, window: int, n: int,
+    *, neighbours: bool = False,
 ) -> torch.Tensor:
     """``[B, 1, HQ, Dv]``: `sparse_attention_naive` over sinks + window + the top ``n`` of the butler scores.
 
