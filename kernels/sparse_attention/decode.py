@@ -133,7 +133,7 @@ def sparse_decode_attention(
     part_m = torch.empty(B * H * NS * BG, dtype=torch.float32, device=query.device)
     part_l = torch.empty_like(part_m)
     part_o = torch.empty(B * H * NS * BG * BV, dtype=torch.float32, device=query.device)
-    out = torch.empty(B, HQ, V, dtype=query.dtype, device=query.device)
+    out = torch.empty(B, 1, HQ, V, dtype=query.dtype, device=query.device)
     sparse_decode_fwd_kernel[(B * H, NS)](
         q, key, value, idx, kp, part_m, part_l, part_o,
         scale, S, G, K, V, H, split,
@@ -142,6 +142,6 @@ def sparse_decode_attention(
         **config,
     )
     sparse_decode_merge_kernel[(B * H,)](
-        part_m, part_l, part_o, out, G, V, H, out.stride(0), out.stride(1), BG=BG, BV=BV, NS=NS,
+        part_m, part_l, part_o, out, G, V, H, out.stride(0), out.stride(2), BG=BG, BV=BV, NS=NS,
     )
-    return out[:, None]
+    return out

@@ -17,6 +17,7 @@ from .default_model import default_predictor_path, load_default_model
 from .hooks import attach, capture_attention, detach, is_attached
 from .policies import POLICIES, SelectionPolicy, make_policy
 from .predictor import ButlerPredictor
+from .static import ButlerStaticCache
 from .strided import StridedPredictor
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "ButlerConfig",
     "ButlerLayer",
     "ButlerPredictor",
+    "ButlerStaticCache",
     "SelectionPolicy",
     "SparseAttentionSettings",
     "StepStats",

@@ -24,7 +24,7 @@ from .layer import ButlerLayer, SparseAttentionSettings, StatsRecorder, StepStat
 from .policies import SelectionPolicy, make_policy
 from .predictor import ButlerPredictor, LayerInput
 
-__all__ = ["ButlerCache", "ButlerLayer", "SparseAttentionSettings", "StepStats"]
+__all__ = ["ButlerCache", "ButlerLayer", "SparseAttentionSettings", "StepStats", "checked_policy", "sparse_layer_indices"]
 
 
 class ButlerCache(DynamicCache, HookedCache):
@@ -70,15 +70,7 @@ class ButlerCache(DynamicCache, HookedCache):
         prediction_interval: int = 1,
         neighbor_fetch: bool = False,
     ):
-        check_supported(model)
-        policy = make_policy(policy if policy is not None else ("butler" if predictor is not None else "oracle"))
-        if policy.requires_predictor and predictor is None:
-            raise ValueError(
-                f"policy {policy.name!r} needs a predictor: pass predictor=ButlerPredictor(...) or use "
-                "ButlerCache.from_pretrained(path_or_hub_id, model=model, ...)"
-            )
-        if predictor is not None:
-            predictor.check_compatible(model)
+        policy = checked_policy(model, predictor, policy, type(self).__name__)
         self.settings = SparseAttentionSettings(
             policy=policy,
             budget=TokenBudget(token_budget, budget_ratio, sink_tokens, local_window),
@@ -90,11 +82,7 @@ class ButlerCache(DynamicCache, HookedCache):
         )
         self.predictor = predictor if policy.requires_predictor else None
         super().__init__(config=model.config, offloading=offloading)
-        full = BaseModelShape.from_model(model).full_attention_layers
-        if self.predictor is not None:
-            self.sparse_layers = self.predictor.config.sparse_layers
-        else:
-            self.sparse_layers = tuple(i for i in full if i >= first_sparse_layer)
+        self.sparse_layers = sparse_layer_indices(model, self.predictor, first_sparse_layer)
         self.stats_recorder = StatsRecorder() if record_stats else None
         # the predictor's own per-token decode state (attentive predictors), kept in sync below
         self.predictor_state = self.predictor.new_state() if self.predictor is not None else None
@@ -210,3 +198,29 @@ class ButlerCache(DynamicCache, HookedCache):
             raise RuntimeError("build the cache with record_stats=True to collect stats")
         self.stats_recorder.close()
         return self.stats_recorder.steps
+
+
+def checked_policy(
+    model: torch.nn.Module, predictor: ButlerPredictor | None, policy: str | SelectionPolicy | None, cache_name: str
+) -> SelectionPolicy:
+    """The policy a cache for ``model`` runs (default: ``"butler"`` with a predictor, else ``"oracle"``), after checking
+    the model is supported, the policy has the predictor it needs and the predictor was made for this model."""
+    check_supported(model)
+    policy = make_policy(policy if policy is not None else ("butler" if predictor is not None else "oracle"))
+    if policy.requires_predictor and predictor is None:
+        raise ValueError(
+            f"policy {policy.name!r} needs a predictor: pass predictor=ButlerPredictor(...) or use "
+            f"{cache_name}.from_pretrained(path_or_hub_id, model=model, ...)"
+        )
+    if predictor is not None:
+        predictor.check_compatible(model)
+    return policy
+
+
+def sparse_layer_indices(
+    model: torch.nn.Module, predictor: ButlerPredictor | None, first_sparse_layer: int
+) -> tuple[int, ...]:
+    """The layers that attend sparsely: the predictor's, else the full-attention layers from ``first_sparse_layer``."""
+    if predictor is not None:
+        return predictor.config.sparse_layers
+    return tuple(i for i in BaseModelShape.from_model(model).full_attention_layers if i >= first_sparse_layer)

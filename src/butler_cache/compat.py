@@ -100,6 +100,9 @@ def load_hook_points(version: str | None = None) -> dict[str, Any]:
         "DynamicCache": require("transformers.cache_utils", "DynamicCache", "the cache ButlerCache extends", version),
         "DynamicLayer": require("transformers.cache_utils", "DynamicLayer", "the cache layer ButlerLayer extends",
                                 version),
+        "StaticCache": require("transformers.cache_utils", "StaticCache", "the cache ButlerStaticCache extends", version),
+        "StaticLayer": require("transformers.cache_utils", "StaticLayer", "the cache layer ButlerStaticLayer extends",
+                               version),
         "AttentionInterface": require("transformers", "AttentionInterface", "the registry of its attention function",
                                       version),
         "sdpa_attention_forward": require("transformers.integrations.sdpa_attention", "sdpa_attention_forward",
@@ -112,6 +115,8 @@ def load_hook_points(version: str | None = None) -> dict[str, Any]:
     for method in ("update", "get_seq_length", "get_mask_sizes", "reset", "crop", "reorder_cache",
                    "batch_repeat_interleave", "batch_select_indices", "offload", "prefetch"):
         require_method(hooks["DynamicLayer"], method, "a cache-layer method ButlerLayer overrides", version)
+    for method in ("lazy_initialization", "update", "reset", "reorder_cache"):
+        require_method(hooks["StaticLayer"], method, "a cache-layer method ButlerStaticLayer overrides", version)
     return hooks
 
 
@@ -119,6 +124,8 @@ check_transformers_version()
 _HOOKS = load_hook_points()
 DynamicCache = _HOOKS["DynamicCache"]
 DynamicLayer = _HOOKS["DynamicLayer"]
+StaticCache = _HOOKS["StaticCache"]
+StaticLayer = _HOOKS["StaticLayer"]
 AttentionInterface = _HOOKS["AttentionInterface"]
 sdpa_attention_forward = _HOOKS["sdpa_attention_forward"]
 ALL_MASK_ATTENTION_FUNCTIONS = _HOOKS["ALL_MASK_ATTENTION_FUNCTIONS"]

@@ -34,6 +34,9 @@ class HookedCache:
     """What the hooks ask of a cache (`ButlerCache` implements it)."""
 
     key_padding: torch.Tensor | None = None  # [B, past + T] of the forward in flight, 1 = real token; None: none
+    # whether the hooks serve it inside torch.compile too (its sparse step has fixed shapes: `ButlerStaticCache`);
+    # a compiled model with any other cache runs dense
+    traceable: bool = False
     input_layers: frozenset[int] = frozenset()  # decoder layers whose input hidden state the predictor reads
 
     def on_layer_input(self, layer_idx: int, inputs: LayerInput) -> None:
@@ -103,9 +106,13 @@ def _cache_of(kwargs: dict) -> Any:
 
 
 def _capture() -> AttentionCapture | None:
-    # a compiled model traces through (dynamo reads no ContextVar; captures, for distillation, run eager), and a
-    # compiled ButlerCache model runs dense: the sparse decode step is not graph-capturable yet
+    # a compiled model traces through: dynamo reads no ContextVar (captures, for distillation, run eager)
     return None if torch.compiler.is_compiling() else CAPTURE.get()
+
+
+def _served(cache: Any) -> bool:
+    """Whether the hooks serve ``cache`` in this forward: any `HookedCache` eagerly, a traceable one when compiling."""
+    return isinstance(cache, HookedCache) and (cache.traceable or not torch.compiler.is_compiling())
 
 
 def _decoder_input_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
@@ -123,10 +130,8 @@ def _decoder_input_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> N
 
 
 def _decoder_layer_input_hook(layer_idx: int, module: torch.nn.Module, args: tuple, kwargs: dict):
-    if torch.compiler.is_compiling():
-        return None
     cache, capture = _cache_of(kwargs), _capture()
-    hooked = isinstance(cache, HookedCache)
+    hooked = _served(cache)
     if not hooked and capture is None:
         return None  # this runs before every decoder layer of every model forward: it returns early
     if capture is not None or layer_idx in cache.input_layers:
