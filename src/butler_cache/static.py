@@ -52,12 +52,16 @@ class ButlerStaticLayer(StaticLayer):
         self.predictor = predictor
         self.importance_keys: torch.Tensor | None = None  # [B, H_kv, max_cache_len, d'], written in place
         self.importance_queries: torch.Tensor | None = None  # [B, HQ, T, d'] of the forward in flight
+        self.triton = False  # whether the attention runs the Triton operator (resolved for the buffers' device)
 
     def __repr__(self) -> str:
         return f"ButlerStaticLayer(layer_idx={self.layer_idx}, max_cache_len={self.max_cache_len})"
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
+        self.triton = resolve_backend(self.settings.backend, key_states.device) == "triton"
+        if self.triton:
+            from .kernels import ops  # noqa: F401  (registers torch.ops.butler_cache)
         if self.predictor is not None:
             B, H = key_states.shape[:2]
             self.importance_keys = torch.zeros(
@@ -98,9 +102,7 @@ class ButlerStaticLayer(StaticLayer):
         scores = self.settings.policy.score(inputs)  # [B, H_kv, 1, L]
         self.importance_queries = None
         selection = select_tokens(scores, valid, self.settings.budget)  # [B, H_kv, 1, min(budget, L)]
-        if resolve_backend(self.settings.backend, key.device) == "triton":
-            from .kernels import ops  # noqa: F401  (registers the operator)
-
+        if self.triton:
             return torch.ops.butler_cache.sparse_decode_attention(
                 query, key, value, selection.indices, selection.keep, scale
             )

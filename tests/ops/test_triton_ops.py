@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
-from butler_cache.kernels import ops
+from butler_cache.kernels import ops  # noqa: F401  (registers torch.ops.butler_cache)
 from butler_cache.kernels.scoring.decode import score_decode
 from butler_cache.kernels.scoring.naive import score_reference
 from butler_cache.kernels.sparse_attention import sparse_attention_naive
@@ -67,7 +67,6 @@ def test_opcheck():
     q, k = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 50, 16)
     torch.library.opcheck(torch.ops.butler_cache.score_decode, (q, k, 0.25),
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
-    assert ops.sparse_decode_attention_op is not None
 
 
 def test_compiled_static_cache_with_triton_equals_torch():
