@@ -47,6 +47,23 @@ def test_gpu_check_dry_run(tmp_path):
     assert (tmp_path / "g.png").stat().st_size > 0
 
 
+def test_compiled_decode_benchmark_runs(tmp_path):
+    """decode_compiled.py end to end at a toy size, compiled fullgraph (dynamo's eager backend, to keep CI short):
+    five configurations, per-round ratios, the byte floor for the two butler caches."""
+    _run_script("decode_compiled.py", "--contexts", "96", "--fraction", "2", "--rounds", "2", "--steps", "1",
+                "--warmup", "1", "--compile-backend", "eager", "--json", str(tmp_path / "c.json"))
+    report = json.loads((tmp_path / "c.json").read_text())
+    rows = {row["config"]: row for row in report["rows"]}
+    assert list(rows) == ["DynamicCache (eager)", "StaticCache (eager)", "StaticCache (compiled)",
+                          "ButlerCache (eager)", "ButlerStaticCache (compiled)"]
+    assert all(row["ms_per_step"] > 0 and row["budget"] == 48 for row in rows.values())
+    assert rows["StaticCache (compiled)"]["vs StaticCache (compiled)"] == [1.0, 1.0, 1.0]
+    low, ratio, high = (rows["ButlerStaticCache (compiled)"]["vs StaticCache (compiled)"][i] for i in (1, 0, 2))
+    assert low <= ratio <= high
+    floor = rows["ButlerStaticCache (compiled)"]["byte_floor"]  # at 96 tokens, above 1: importance keys + predictor
+    assert floor > 0 and floor != 1 and rows["StaticCache (eager)"]["byte_floor"] == 1
+
+
 def _run_script(name: str, *args: str) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), *args], check=True, env=env,

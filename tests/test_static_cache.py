@@ -205,3 +205,53 @@ def test_refuses_a_predictor_of_another_model():
     predictor = predictor_for(tiny_model("llama", num_layers=4))
     with pytest.raises(ValueError, match="this predictor was trained for"):
         ButlerStaticCache(tiny_model("llama", num_layers=6), predictor, max_cache_len=32, **SMALL_BUDGET)
+
+
+@pytest.mark.parametrize("pads", [[0], [0, 4]])
+def test_generate_with_a_static_butler_cache_equals_butler_cache(pads):
+    """`generate(past_key_values=ButlerStaticCache(...))` decodes what `ButlerCache` decodes (left padding included)."""
+    model = tiny_model("llama", num_attention_heads=4, num_key_value_heads=2)
+    predictor = predictor_for(model)
+    ids, mask = random_batch(len(pads), 16, pads=pads, seed=4)
+    new = 12
+    settings = dict(do_sample=False, max_new_tokens=new, min_new_tokens=new, pad_token_id=0)
+    with torch.no_grad():
+        want = model.generate(input_ids=ids, attention_mask=mask, **settings,
+                              **cache_argument(ButlerCache(model, predictor, backend="torch", **SMALL_BUDGET)))
+        got = model.generate(input_ids=ids, attention_mask=mask, **settings,
+                             **cache_argument(ButlerStaticCache(model, predictor, max_cache_len=16 + new,
+                                                               backend="torch", **SMALL_BUDGET)))
+    assert torch.equal(got, want)
+
+
+def test_generate_compiles_the_static_butler_step():
+    """`generate`'s own compilation (what it does on a GPU for any `StaticCache`; forced here on the CPU) serves a
+    `ButlerStaticCache` with one graph for every decode step, and gives the eager tokens."""
+    from transformers import CompileConfig
+
+    model = tiny_model("llama")
+    predictor = predictor_for(model)
+    ids, mask = random_batch(1, 12, seed=6)
+    new = 20
+    settings = dict(do_sample=False, max_new_tokens=new, min_new_tokens=new, pad_token_id=0)
+
+    def cache():
+        return ButlerStaticCache(model, predictor, max_cache_len=12 + new, backend="torch", **SMALL_BUDGET)
+
+    with torch.no_grad():
+        eager = model.generate(input_ids=ids, attention_mask=mask, **settings, **cache_argument(cache()),
+                               disable_compile=True)
+        torch._dynamo.reset()
+        graphs = []
+        aot_eager = torch._dynamo.lookup_backend("aot_eager")
+
+        def backend(graph, example_inputs):  # a function: generate deep-copies its config, a counter object with it
+            graphs.append(graph)
+            return aot_eager(graph, example_inputs)
+
+        compile_config = CompileConfig(fullgraph=True, dynamic=False, backend=backend, mode=None)
+        compile_config._compile_all_devices = True  # transformers compiles on accelerators only by default
+        compiled = model.generate(input_ids=ids, attention_mask=mask, **settings, **cache_argument(cache()),
+                                  compile_config=compile_config)
+    assert len(graphs) == 1, f"{len(graphs)} compilations over {new} decode steps"
+    assert torch.equal(compiled, eager)

@@ -56,7 +56,8 @@ def _domains() -> list[Domain]:
     return [
         Domain("cpp", [Package("debian", "libboost1.74-dev", "1.74.0+ds1-21", "BSL-1.0")], 24_000_000,
                "C++ headers of Boost 1.74"),
-        Domain("perl", [Package("debian", "perl-modules-5.36", "5.36.0-7+deb12u4", "GPL-1+ or Artistic-1")],
+        Domain("perl", [Package("debian", "perl-modules-5.36", "5.36.0-7+deb12u4", "GPL-1+ or Artistic-1",
+                                        alternatives=("5.36.0-7+deb12u3", "5.36.0-7+deb12u2"))],
                16_000_000, "Perl 5.36 core modules and their POD documentation"),
         Domain("javascript", [Package("npm", "three", "0.160.0", "MIT"), Package("npm", "rxjs", "7.8.1", "Apache-2.0"),
                               Package("npm", "typescript", "5.6.3", "Apache-2.0"),

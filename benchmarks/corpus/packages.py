@@ -24,6 +24,9 @@ class Package:
     name: str
     version: str
     license: str  # as the package declares it (for SOURCES.md); never read into the corpus
+    # Debian mirrors carry one point release of a package at a time, and a security update replaces it:
+    # other versions accepted, in order, when ``version`` is gone (the manifest records the one fetched).
+    alternatives: tuple[str, ...] = ()
 
     @property
     def key(self) -> str:
@@ -37,8 +40,17 @@ class Fetched:
     root: Path  # where the archive was unpacked
     sha256: str
 
+    @property
+    def version(self) -> str:
+        """The version actually fetched (a Debian archive may be one of the package's alternatives)."""
+        if self.archive.suffix == ".deb":
+            return self.archive.name.split("_")[1]
+        return self.package.version
+
     def record(self) -> dict:
-        return {**asdict(self.package), "archive": self.archive.name, "sha256": self.sha256}
+        record = {**asdict(self.package), "archive": self.archive.name, "sha256": self.sha256}
+        record["alternatives"] = list(self.package.alternatives)
+        return {**record, "version_fetched": self.version}
 
 
 def _sha256(path: Path) -> str:
@@ -59,9 +71,7 @@ def _download(package: Package, into: Path) -> Path:
     """The package's archive in ``into``, downloaded once."""
     into.mkdir(parents=True, exist_ok=True)
     if package.registry == "debian":
-        pattern = f"{package.name}_{package.version.split(':')[-1]}_*.deb"
-        if not list(into.glob(pattern)):
-            _run(["apt-get", "download", f"{package.name}={package.version}"], into)
+        return _download_debian(package, into)
     elif package.registry == "pypi":
         stem = package.name.replace("-", "_")
         pattern = f"{stem}-{package.version}-*.whl"
@@ -78,6 +88,21 @@ def _download(package: Package, into: Path) -> Path:
     if not found:
         raise RuntimeError(f"{package.key}: downloaded, but no file matches {pattern} in {into}")
     return found[0]
+
+
+def _download_debian(package: Package, into: Path) -> Path:
+    """The first of ``package.version`` and its alternatives that is cached or that apt can download."""
+    failures = []
+    for version in (package.version, *package.alternatives):
+        pattern = f"{package.name}_{version.split(':')[-1]}_*.deb"
+        if not list(into.glob(pattern)):
+            try:
+                _run(["apt-get", "download", f"{package.name}={version}"], into)
+            except RuntimeError as error:
+                failures.append(str(error))
+                continue
+        return sorted(into.glob(pattern))[0]
+    raise RuntimeError(f"{package.key}: no accepted version could be downloaded:\n" + "\n".join(failures))
 
 
 def fetch(package: Package, cache_dir: Path) -> Fetched:
