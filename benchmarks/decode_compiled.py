@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache, StaticCache
 
 from butler_cache import ButlerCache, ButlerPredictor, ButlerStaticCache, default_predictor_path
+from butler_cache.architecture import BaseModelShape
 from butler_cache.compat import cache_argument
 from butler_cache.default_model import load_default_model
 
@@ -54,12 +55,11 @@ def _load(name: str):
 
 def fill(caches, model, context: int, seed: int) -> None:
     """Write the same random K/V ``[1, H_kv, context, D]`` into every layer of every cache."""
-    config = model.config
-    heads, dim = config.num_key_value_heads, getattr(config, "head_dim", config.hidden_size // config.num_attention_heads)
+    shape = BaseModelShape.from_model(model)
     generator = torch.Generator().manual_seed(seed)
-    for i in range(config.num_hidden_layers):
-        keys = torch.randn(1, heads, context, dim, generator=generator)  # [1, H_kv, L, D]
-        values = torch.randn(1, heads, context, dim, generator=generator)
+    for i in range(shape.num_hidden_layers):
+        keys = torch.randn(1, shape.num_key_value_heads, context, shape.head_dim, generator=generator)  # [1, H_kv, L, D]
+        values = torch.randn(1, shape.num_key_value_heads, context, shape.head_dim, generator=generator)
         for cache in caches:
             cache.layers[i].update(keys.clone(), values.clone())
 

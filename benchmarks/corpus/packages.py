@@ -48,9 +48,8 @@ class Fetched:
         return self.package.version
 
     def record(self) -> dict:
-        record = {**asdict(self.package), "archive": self.archive.name, "sha256": self.sha256}
-        record["alternatives"] = list(self.package.alternatives)
-        return {**record, "version_fetched": self.version}
+        return {**asdict(self.package), "archive": self.archive.name, "sha256": self.sha256,
+                "version_fetched": self.version}
 
 
 def _sha256(path: Path) -> str:

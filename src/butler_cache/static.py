@@ -76,11 +76,12 @@ class ButlerStaticLayer(StaticLayer):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        positions = torch.arange(key_states.shape[-2], device=self.device) + self.cumulative_length  # [T]
-        keys, values = super().update(key_states, value_states, *args, **kwargs)
-        if self.predictor is not None:
-            new = self.predictor.keys_from_cache(self.layer_idx, key_states)  # [B, H_kv, T, d']
-            self.importance_keys.index_copy_(2, positions, new.to(self.importance_keys.dtype))
+        if self.predictor is None:  # a policy without importance keys (oracle, quest, ...)
+            return super().update(key_states, value_states, *args, **kwargs)
+        positions = torch.arange(key_states.shape[-2], device=self.device) + self.cumulative_length  # [T], before
+        keys, values = super().update(key_states, value_states, *args, **kwargs)  # the update advances the length
+        new = self.predictor.keys_from_cache(self.layer_idx, key_states)  # [B, H_kv, T, d']
+        self.importance_keys.index_copy_(2, positions, new.to(self.importance_keys.dtype))
         return keys, values
 
     def attend_sparse(
